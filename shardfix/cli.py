@@ -1,0 +1,186 @@
+"""Command-line interface: argument parsing only; every command calls the library.
+
+Exit codes: 0 success; 2 bad input or usage (one message naming the path, key or flag and the
+fix); 1 internal failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from shardfix import __version__
+from shardfix.errors import ShardfixError
+from shardfix.options import ConvertOptions
+
+log = logging.getLogger("shardfix")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # usage errors: exit 2 with one line
+        self.exit(2, f"shardfix: error: {message} (see shardfix {self.prog.split()[-1]} --help)\n")
+
+
+def _add_reconcile(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("reconcile")
+    g.add_argument("--vocab-size", type=int, help="true vocab size: trim padded vocab rows to it")
+    g.add_argument("--tokenizer", help="tokenizer.json or SentencePiece .model giving the vocab size")
+    g.add_argument("--target-config", help="Hugging Face config.json of the target model")
+    g.add_argument("--target-shapes", help='JSON {"name": [dims]} of target shapes (names after prefix stripping)')
+    g.add_argument("--target-model", help="module:callable building the target model (on the meta device)")
+    g.add_argument("--profile", help="checkpoint profile (default: detected)")
+    g.add_argument("--param-names", help="file listing the optimizer's parameter names in param-group order")
+    g.add_argument("--trainable", help="regex selecting the trainable parameters the optimizer covers")
+    g.add_argument("--split-fused", action="store_true", help="split fused weights (qkv_w, qkvo_w, banks)")
+    g.add_argument("--key-map", help="TOML table of output names for --split-fused")
+    g.add_argument("--no-optimizer", action="store_true", help="write no optimizer state")
+    g.add_argument("--allow-grow", action="store_true", help="allow growing a vocab dim to a larger target")
+    g.add_argument("--grow-init", choices=["mean", "zeros"], default="mean", help="new rows for --allow-grow")
+    g.add_argument("--skip-mismatched", action="store_true", help="drop unreconcilable tensors instead of failing")
+    g.add_argument("--companions", help="torch.save dict of side tensors keyed by parameter name (masks, EMA)")
+    g.add_argument("--partial-optimizer", action="store_true",
+                   help="write partial (one rank's) optimizer slices under explicit names")
+    g.add_argument("--trust-pickle", action="store_true",
+                   help="allow full unpickling of torch.save files you trust (runs code in the file)")
+
+
+def _add_run(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--executor", choices=["auto", "ray", "inline"], default="auto")
+    g.add_argument("--workers", type=int, help="parallel tasks (default: CPUs)")
+    g.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    g.add_argument("--ray-address", help="join this Ray cluster instead of starting a local instance")
+    g.add_argument("--max-shard-size", default="5GB", help="largest output file, e.g. 5GB, 500MB, 64KB")
+    g.add_argument("--dtype", choices=["keep", "bf16", "fp16", "fp32"], default="keep",
+                   help="cast floating model tensors (optimizer state keeps its dtype)")
+    g.add_argument("--resume", action="store_true", help="finish an interrupted conversion into OUT")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing shardfix output in OUT")
+    g.add_argument("--no-verify", dest="verify", action="store_false", help="skip re-reading each written file")
+    g.add_argument("--progress", dest="progress", action="store_true", default=None, help="force a progress bar")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="shardfix", description="Turn distributed-training checkpoints into clean safetensors.")
+    parser.add_argument("--version", action="version", version=f"shardfix {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more (and show tracebacks)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("inspect", help="describe a checkpoint (metadata only)")
+    p.add_argument("src")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--target-config", help="HF config.json giving heads and head_dim")
+    p.add_argument("--profile", help="checkpoint profile (default: detected)")
+    p.add_argument("--trust-pickle", action="store_true")
+
+    p = sub.add_parser("plan", help="print the conversion plan without reading tensor data")
+    p.add_argument("src")
+    p.add_argument("--json", action="store_true")
+    _add_reconcile(p)
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--dtype", choices=["keep", "bf16", "fp16", "fp32"], default="keep")
+
+    p = sub.add_parser("convert", help="convert a checkpoint into safetensors plus a report")
+    p.add_argument("src", nargs="?")
+    p.add_argument("out", nargs="?")
+    p.add_argument("--job", help="run a job file (TOML) locally")
+    _add_reconcile(p)
+    _add_run(p)
+
+    p = sub.add_parser("verify", help="re-read an output directory and check it against its report")
+    p.add_argument("out")
+    p.add_argument("--against", help="also recompute every tensor from this source")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def _options(args: argparse.Namespace) -> ConvertOptions:
+    names = set(ConvertOptions.field_names())
+    kw: dict[str, Any] = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return ConvertOptions(**kw)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from shardfix.api import load_index
+    from shardfix.inspect import format_inspection, inspect_index
+
+    index = load_index(args.src, ConvertOptions(trust_pickle=args.trust_pickle))
+    info = inspect_index(index)
+    print(json.dumps(info, indent=2, default=str) if args.json else format_inspection(info))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from shardfix.api import plan_conversion
+
+    plan = plan_conversion(args.src, _options(args))
+    print(json.dumps(plan.to_dict(), indent=2, default=str) if args.json else plan.summary())
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from shardfix.api import convert
+    from shardfix.report import summarize
+
+    if args.job:
+        from shardfix.jobs import load_job
+
+        job = load_job(args.job)
+        src, out, opts = job.source, job.output, job.options
+    else:
+        if not args.src or not args.out:
+            raise ShardfixError("convert needs SRC and OUT (or --job FILE)")
+        src, out, opts = args.src, args.out, _options(args)
+    report = convert(src, out, opts)
+    print(summarize(report))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from shardfix.verify import verify_output
+
+    problems, stats = verify_output(args.out, args.against)
+    if args.json:
+        print(json.dumps({"ok": not problems, "problems": problems, **stats}, indent=2))
+    else:
+        for p in problems:
+            print(f"problem: {p}")
+        verdict = "OK" if not problems else f"{len(problems)} problem(s)"
+        print(f"verify {args.out}: {verdict} ({stats['files']} files, {stats['tensors']} tensors, "
+              f"{stats['bytes']:,} bytes re-read" + (", compared with the source" if args.against else "") + ")")
+    return 0 if not problems else 1
+
+
+COMMANDS = {"inspect": cmd_inspect, "plan": cmd_plan, "convert": cmd_convert, "verify": cmd_verify}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="shardfix: %(message)s", stream=sys.stderr)
+    for noisy in ("ray", "filelock", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return COMMANDS[args.command](args)
+    except ShardfixError as e:
+        print(f"shardfix: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("shardfix: interrupted; rerun convert with --resume to finish", file=sys.stderr)
+        return 130
+    except Exception as e:  # an internal failure: exit 1, traceback only when asked
+        if args.verbose or os.environ.get("SHARDFIX_DEBUG"):
+            raise
+        print(f"shardfix: internal error: {type(e).__name__}: {e} (rerun with -v for the traceback; "
+              "please report it)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

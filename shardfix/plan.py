@@ -1,0 +1,514 @@
+"""The plan: every output tensor as read ops plus transforms, grouped into output files, and a
+ledger entry for every source entry.
+
+Planning is pure and metadata-only: it sees the source index (keys, shapes, dtypes, small
+non-tensor values) and the options, and never reads tensor data. ``shardfix plan`` prints the
+result; ``shardfix convert`` executes it; the report records it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from shardfix.dtypes import CAST_CHOICES, FLOAT_NAMES, itemsize, numel
+from shardfix.errors import ReconcileConflictError
+from shardfix.options import ConvertOptions
+from shardfix.reconcile import ops as O
+from shardfix.reconcile.keys import Role, classify, is_flat_model, strip_wrappers
+from shardfix.reconcile.optimizer import IdMapping, map_ids, read_param_names
+from shardfix.reconcile.padding import ShapeFix, looks_padded_vocab, reconcile_shape
+from shardfix.sources.base import ObjectEntry, SourceIndex, TensorEntry
+from shardfix.targets import Targets
+
+MODEL = "model"
+OPTIMIZER = "optimizer"
+COMPANIONS = "companions"
+SET_PREFIX = {MODEL: "model", OPTIMIZER: "optimizer", COMPANIONS: "companions"}
+
+_VOCAB_NAME = re.compile(r"(embed|wte|lm_head|head|output|vocab|tok|value_emb|\bve\b|unembed|logit)", re.I)
+
+
+@dataclass(slots=True)
+class OutputTensor:
+    """One tensor to write: read ``source`` (or make it from ``ops[0]``), apply ``ops``."""
+
+    name: str
+    source: str
+    dtype: str
+    shape: list[int]
+    ops: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return numel(self.shape) * itemsize(self.dtype)
+
+
+@dataclass(slots=True)
+class OutputFile:
+    name: str
+    set: str
+    tensors: list[OutputTensor] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def fingerprint(self) -> str:
+        """A hash of everything that determines this file's bytes (used by ``--resume``)."""
+        doc = json.dumps(asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(doc.encode()).hexdigest()[:32]
+
+
+@dataclass(slots=True)
+class LedgerEntry:
+    source: str
+    fate: str  # written | reconciled | split | recorded | dropped
+    outputs: list[str] = field(default_factory=list)
+    actions: list[dict[str, Any]] = field(default_factory=list)
+    reason: str | None = None
+    kind: str = "tensor"
+    dtype: str | None = None
+    shape: list[int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if d["reason"] is None:
+            d.pop("reason")
+        return d
+
+
+@dataclass(slots=True)
+class Plan:
+    source: dict[str, Any]
+    options: dict[str, Any]
+    files: list[OutputFile]
+    ledger: list[LedgerEntry]
+    findings: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    param_groups: list[dict[str, Any]] | None = None
+
+    def files_of(self, kind: str) -> list[OutputFile]:
+        return [f for f in self.files if f.set == kind]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.nbytes for f in self.files)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "options": self.options,
+            "findings": self.findings,
+            "files": [asdict(f) for f in self.files],
+            "param_groups": self.param_groups,
+            "ledger": [e.to_dict() for e in self.ledger],
+            "warnings": self.warnings,
+        }
+
+    def summary(self) -> str:
+        fates: dict[str, int] = defaultdict(int)
+        for e in self.ledger:
+            fates[e.fate] += 1
+        lines = [
+            f"source: {self.source['path']} ({self.source['format']}, {len(self.source['files'])} files, "
+            f"{_human(self.source['bytes'])})",
+            "ledger: " + ", ".join(f"{n} {k}" for k, n in sorted(fates.items())) + f" ({len(self.ledger)} entries)",
+        ]
+        for kind in (MODEL, OPTIMIZER, COMPANIONS):
+            fs = self.files_of(kind)
+            if fs:
+                n = sum(len(f.tensors) for f in fs)
+                lines.append(f"{kind}: {n} tensors in {len(fs)} file(s), {_human(sum(f.nbytes for f in fs))}")
+        changed = [e for e in self.ledger if e.fate in ("reconciled", "split")]
+        for e in changed[:20]:
+            acts = "; ".join(_action_text(a) for a in e.actions if a["action"] != "rename")
+            lines.append(f"  {e.fate}: {e.source} -> {', '.join(e.outputs)}: {acts}")
+        if len(changed) > 20:
+            lines.append(f"  ... and {len(changed) - 20} more")
+        dropped = [e for e in self.ledger if e.fate == "dropped" and e.kind == "tensor"]
+        for e in dropped[:10]:
+            lines.append(f"  dropped: {e.source}: {e.reason}")
+        for w in self.warnings:
+            lines.append(f"warning: {w}")
+        return "\n".join(lines)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _action_text(a: dict[str, Any]) -> str:
+    if a["action"] in ("trim", "grow"):
+        return f"{a['action']} ({a['rule']}) {a['from']} -> {a['to']}"
+    if a["action"] == "cast":
+        return f"cast {a['from']} -> {a['to']}"
+    return a["action"] + (f" ({a['rule']})" if "rule" in a else "")
+
+
+@dataclass(slots=True)
+class _ModelTensor:
+    entry: TensorEntry
+    name: str
+    actions: list[dict[str, Any]]
+    fix: ShapeFix = field(default_factory=ShapeFix)
+    dropped: str | None = None
+
+
+def _padded_vocab(tensors: dict[str, _ModelTensor]) -> int | None:
+    """Rows of the embedding (or head): the checkpoint's own vocab size, padded or not."""
+    for pattern in (r"(^|\.)(embed|wte|tok_embeddings|word_embeddings|embed_tokens)(\.weight)?$", r"lm_head"):
+        for t in tensors.values():
+            if re.search(pattern, t.name) and len(t.entry.shape) == 2:
+                return t.entry.shape[0] if "lm_head" not in pattern else max(t.entry.shape)
+    return None
+
+
+def _vocab_target(shape: tuple[int, ...], padded: int, vocab: int) -> tuple[int, ...] | None:
+    """The target shape of a vocab-shaped tensor, or None when it is not one."""
+    if len(shape) < 1:
+        return None
+    out = list(shape)
+    hit = False
+    for d, n in enumerate(shape):
+        if n == padded:
+            out[d] = vocab
+            hit = True
+            break
+        if d == 0 and len(shape) == 2 and n % padded == 0 and n // padded > 1:
+            out[d] = (n // padded) * vocab
+            hit = True
+            break
+    return tuple(out) if hit else None
+
+
+def build_plan(index: SourceIndex, opts: ConvertOptions, targets: Targets | None = None) -> Plan:
+    """Plan the conversion of ``index`` under ``opts`` and ``targets`` (no tensor data read).
+
+    Raises:
+        ReconcileConflictError: listing every unreconcilable tensor at once (unless
+            ``--skip-mismatched``), every name collision and every target problem.
+    """
+    targets = targets or Targets()
+    problems: list[str] = []
+    warnings: list[str] = []
+    ledger: dict[str, LedgerEntry] = {}
+    tensor_paths = [e.path for e in index.tensors()]
+    flat = is_flat_model([e.path for e in index.entries], tensor_paths)
+    roles: dict[str, Role] = {e.key: classify(e.path, flat) for e in index.entries}
+
+    # -- model tensors: names ----------------------------------------------------------
+    model: dict[str, _ModelTensor] = {}
+    seen: dict[str, str] = {}
+    prefixes: dict[str, int] = defaultdict(int)
+    for e in index.entries:
+        role = roles[e.key]
+        if role.kind != "model":
+            continue
+        if isinstance(e, ObjectEntry):
+            ledger[e.key] = LedgerEntry(e.key, "dropped", kind="object",
+                                        reason=f"non-tensor entry in the model state dict ({e.type_name})")
+            continue
+        name, removed = strip_wrappers(role.name)
+        for r in removed:
+            prefixes[r + "."] += 1
+        actions: list[dict[str, Any]] = []
+        if name != e.key:
+            why = []
+            if role.container:
+                why.append(f"container {'.'.join(map(str, role.container))!r}")
+            if removed:
+                why.append("wrappers " + ", ".join(f"{r}." for r in removed))
+            actions.append({"action": "rename", "from": e.key, "to": name, "rule": "strip " + " and ".join(why)})
+        if name in seen:
+            problems.append(f"{e.key} and {seen[name]} both become {name!r} after stripping prefixes")
+            continue
+        seen[name] = e.key
+        model[name] = _ModelTensor(e, name, actions)
+
+    # -- target shapes --------------------------------------------------------------------
+    padded_vocab = _padded_vocab(model)
+    vocab = targets.vocab
+    wanted: dict[str, tuple[int, ...]] = {}
+    if vocab is not None and padded_vocab is not None and vocab != padded_vocab:
+        for name, t in model.items():
+            tgt = _vocab_target(t.entry.shape, padded_vocab, vocab)
+            if tgt is not None:
+                wanted[name] = tgt
+                if not _VOCAB_NAME.search(name):
+                    warnings.append(f"{name}: has a dim equal to the padded vocab ({padded_vocab}) and is trimmed "
+                                    "with the vocab; pass --target-shapes to override")
+    for name, shape in targets.shapes.items():
+        if name in wanted and wanted[name] != shape:
+            problems.append(
+                f"{name}: --vocab-size {vocab} implies {list(wanted[name])} but "
+                f"{targets.origins.get('shapes', 'the target shapes')} say {list(shape)}"
+            )
+        wanted[name] = shape
+    for name in targets.shapes:
+        if name not in model:
+            problems.append(
+                f"{name}: named by {targets.origins.get('shapes', 'the target shapes')} but the checkpoint has no "
+                "such tensor (names are compared after prefix stripping)"
+            )
+    if targets.complete:
+        for name, t in model.items():
+            if name not in targets.shapes:
+                msg = f"{name}: in the checkpoint but not in the target model"
+                if opts.skip_mismatched:
+                    t.dropped = msg
+                    warnings.append(msg + "; dropped (--skip-mismatched)")
+                else:
+                    problems.append(msg + " (pass --skip-mismatched to drop it)")
+    for name, shape in wanted.items():
+        t = model.get(name)
+        if t is None or t.dropped:
+            continue
+        fix = reconcile_shape(
+            name, t.entry.shape, shape, vocab=vocab, padded_vocab=padded_vocab,
+            allow_grow=opts.allow_grow, grow_init=opts.grow_init,
+        )
+        if isinstance(fix, str):
+            if opts.skip_mismatched:
+                t.dropped = fix
+                warnings.append(fix + "; dropped (--skip-mismatched)")
+            else:
+                problems.append(fix)
+        else:
+            t.fix = fix
+
+    # -- optimizer ---------------------------------------------------------------------------
+    optim_out, param_groups = _plan_optimizer(index, roles, model, opts, ledger, warnings, problems)
+
+    if problems:
+        raise ReconcileConflictError(problems)
+
+    # -- outputs and ledger for the model --------------------------------------------------
+    cast_to = CAST_CHOICES[opts.dtype]
+    model_out: list[OutputTensor] = []
+    for name, t in model.items():
+        e = t.entry
+        if t.dropped:
+            ledger[e.key] = LedgerEntry(e.key, "dropped", [], t.actions, t.dropped, dtype=e.dtype, shape=list(e.shape))
+            continue
+        ops_ = list(t.fix.ops)
+        actions = [*t.actions, *t.fix.actions]
+        dtype = e.dtype
+        if cast_to and e.dtype in FLOAT_NAMES and e.dtype != cast_to:
+            ops_.append(O.cast(cast_to))
+            actions.append({"action": "cast", "from": e.dtype, "to": cast_to, "rule": f"--dtype {opts.dtype}"})
+            dtype = cast_to
+        shape = list(O.out_shape(e.shape, ops_))
+        model_out.append(OutputTensor(name, e.key, dtype, shape, ops_))
+        fate = "reconciled" if t.fix.ops else "written"
+        ledger[e.key] = LedgerEntry(e.key, fate, [name], actions, dtype=e.dtype, shape=list(e.shape))
+
+    # -- everything else -------------------------------------------------------------------------
+    for e in index.entries:
+        if e.key in ledger:
+            continue
+        kind = "tensor" if isinstance(e, TensorEntry) else "object"
+        extra = {"dtype": e.dtype, "shape": list(e.shape)} if isinstance(e, TensorEntry) else {}
+        role = roles[e.key]
+        if role.kind == "meta":
+            reason = "training metadata outside the model and optimizer state"
+            if isinstance(e, ObjectEntry):
+                reason = f"non-tensor training metadata ({e.type_name}); value in findings.metadata"
+            ledger[e.key] = LedgerEntry(e.key, "dropped", reason=reason, kind=kind, **extra)
+        else:
+            ledger[e.key] = LedgerEntry(e.key, "dropped", reason="not mapped to any output", kind=kind, **extra)
+
+    files = _assign_files(model_out, MODEL, opts.max_shard_size) + _assign_files(optim_out, OPTIMIZER, opts.max_shard_size)
+    findings = {
+        "layout": "flat state dict" if flat else "containers",
+        "prefixes_stripped": dict(prefixes),
+        "padded_vocab": padded_vocab,
+        "target_vocab": vocab,
+        "metadata": {e.key: e.value for e in index.objects()
+                     if roles[e.key].kind == "meta" and isinstance(e.value, (int, float, str, bool))
+                     and not (isinstance(e.value, str) and len(e.value) > 200)},
+    }
+    if padded_vocab and looks_padded_vocab(padded_vocab) and vocab is None and not targets.shapes:
+        warnings.append(
+            f"the vocab dim is {padded_vocab} rows, a multiple of 64 -- likely padded; pass --vocab-size "
+            "(or --tokenizer / --target-config) to trim it to the true vocab"
+        )
+    return Plan(
+        source={"path": str(index.path), "format": index.format, "files": [str(p) for p in index.files],
+                "bytes": index.total_bytes, "notes": index.notes},
+        options=opts.to_dict(),
+        files=files,
+        ledger=[ledger[e.key] for e in index.entries],
+        findings=findings,
+        warnings=warnings,
+        param_groups=param_groups,
+    )
+
+
+def _plan_optimizer(
+    index: SourceIndex,
+    roles: dict[str, Role],
+    model: dict[str, _ModelTensor],
+    opts: ConvertOptions,
+    ledger: dict[str, LedgerEntry],
+    warnings: list[str],
+    problems: list[str],
+) -> tuple[list[OutputTensor], list[dict[str, Any]] | None]:
+    """Plan optimizer state: name it, cut it like its parameter, describe the param groups."""
+    states: dict[int, dict[Any, dict[str, TensorEntry | ObjectEntry]]] = defaultdict(lambda: defaultdict(dict))
+    groups: dict[int, dict[int, dict[str, Any]]] = defaultdict(lambda: defaultdict(dict))
+    for e in index.entries:
+        role = roles[e.key]
+        if role.kind == "optim_state":
+            states[role.optimizer][role.param][role.state] = e
+        elif role.kind == "param_group":
+            if isinstance(e, TensorEntry):
+                ledger[e.key] = LedgerEntry(
+                    e.key, "dropped", dtype=e.dtype, shape=list(e.shape),
+                    reason="tensor stored inside a param group (an optimizer buffer, not per-parameter state)",
+                )
+                continue
+            groups[role.optimizer][role.group][role.hparam] = (e.key, e.value)
+    if not states and not groups:
+        return [], None
+    if opts.no_optimizer:
+        for e in index.entries:
+            if roles[e.key].kind in ("optim_state", "param_group") and e.key not in ledger:
+                ledger[e.key] = LedgerEntry(e.key, "dropped", kind="tensor" if isinstance(e, TensorEntry) else "object",
+                                            reason="--no-optimizer")
+        return [], None
+
+    model_params = [(n, t.entry.shape) for n, t in model.items()]
+    names_file = read_param_names(opts.param_names) if opts.param_names else None
+    out: list[OutputTensor] = []
+    param_groups: list[dict[str, Any]] = []
+    for opt in sorted(set(states) | set(groups)):
+        label = f"optimizer {opt}" if len(set(states) | set(groups)) > 1 else "the optimizer"
+        gdict = groups.get(opt, {})
+        ids: list[Any] = []
+        gnames: list[str | None] = []
+        for g in sorted(gdict):
+            params = gdict[g].get("params", (None, []))[1] or []
+            recorded = gdict[g].get("param_names", (None, None))[1]
+            ids.extend(params)
+            if isinstance(recorded, list) and len(recorded) == len(params):
+                gnames.extend(recorded)
+            else:
+                gnames.extend([None] * len(params))
+        st = states.get(opt, {})
+        for ref in st:
+            if ref not in ids:
+                ids.append(ref)
+                gnames.append(None)
+        if all(isinstance(i, str) for i in ids):
+            mapping = IdMapping({i: strip_wrappers(i)[0] for i in ids}, "parameter names (FQN-keyed state)")
+        else:
+            shapes = {ref: next((tuple(s.shape) for s in st[ref].values()
+                                 if isinstance(s, TensorEntry) and len(s.shape) > 0), None) for ref in st}
+            mapping = map_ids(ids, [strip_wrappers(n)[0] if n else None for n in gnames], shapes, model_params,
+                              param_names_file=names_file, trainable=opts.trainable, label=label)
+        if not mapping.ok:
+            for p in mapping.problems:
+                warnings.append(p + "; the model is converted, no optimizer state is written")
+            for ref, sd in st.items():
+                for e in sd.values():
+                    ledger[e.key] = LedgerEntry(e.key, "dropped", reason=mapping.problems[0],
+                                                kind="tensor" if isinstance(e, TensorEntry) else "object")
+            for g in gdict.values():
+                for key, _ in g.values():
+                    ledger[key] = LedgerEntry(key, "dropped", kind="object", reason=mapping.problems[0])
+            continue
+        for ref, sd in st.items():
+            pname = mapping.names[ref]
+            pt = model.get(pname)
+            for sname, e in sd.items():
+                out_name = f"state.{pname}.{sname}"
+                kind = "tensor" if isinstance(e, TensorEntry) else "object"
+                if pt is None:
+                    ledger[e.key] = LedgerEntry(e.key, "dropped", kind=kind,
+                                                reason=f"state of {pname!r}, which is not a tensor of the model")
+                    continue
+                if pt.dropped:
+                    ledger[e.key] = LedgerEntry(e.key, "dropped", kind=kind, reason=f"its parameter {pname} was dropped")
+                    continue
+                actions: list[dict[str, Any]] = []
+                if str(ref) != pname:
+                    actions.append({"action": "rename", "from": e.key, "to": out_name,
+                                    "rule": f"id {ref} -> {pname} ({mapping.method})"})
+                if isinstance(e, ObjectEntry):
+                    if isinstance(e.value, (int, float, bool)) and not isinstance(e.value, bool):
+                        dt = "F32" if isinstance(e.value, float) or sname == "step" else "I64"
+                        out.append(OutputTensor(out_name, e.key, dt, [], [O.value(e.value, dt)]))
+                        actions.append({"action": "to-tensor", "rule": "0-d state stored as a number"})
+                        ledger[e.key] = LedgerEntry(e.key, "written", [out_name], actions, kind="object")
+                    else:
+                        ledger[e.key] = LedgerEntry(e.key, "dropped", kind="object",
+                                                    reason=f"non-tensor optimizer state ({e.type_name})")
+                    continue
+                shape = tuple(e.shape)
+                ops_: list[dict[str, Any]] = []
+                fate = "written"
+                if shape == pt.entry.shape:
+                    if pt.fix.ops:
+                        ops_ = list(pt.fix.ops)
+                        actions += [{**a, "rule": a.get("rule", "") + " (follows its parameter)"} for a in pt.fix.actions]
+                        fate = "reconciled"
+                elif len(shape) == 0 or numel(shape) == 1 and len(shape) <= 1:
+                    pass  # scalar state such as step is copied
+                else:
+                    reason = (f"shape {list(shape)} does not match its parameter {pname} {list(pt.entry.shape)}: "
+                              "a partial (one rank's) slice or a differently shaped state; not written as the full state")
+                    ledger[e.key] = LedgerEntry(e.key, "dropped", actions=actions, reason=reason,
+                                                dtype=e.dtype, shape=list(shape))
+                    warnings.append(f"{e.key}: {reason}")
+                    continue
+                out.append(OutputTensor(out_name, e.key, e.dtype, list(O.out_shape(shape, ops_)), ops_))
+                ledger[e.key] = LedgerEntry(e.key, fate, [out_name], actions, dtype=e.dtype, shape=list(shape))
+        for g in sorted(gdict):
+            fields = gdict[g]
+            group: dict[str, Any] = {"optimizer": opt, "group": g}
+            for fname, (key, value) in fields.items():
+                if fname in ("params", "param_names"):
+                    ledger[key] = LedgerEntry(key, "recorded", ["optimizer_param_groups.json"], kind="object")
+                    continue
+                group[fname] = value if _jsonable(value) else repr(value)
+                ledger[key] = LedgerEntry(key, "recorded", ["optimizer_param_groups.json"], kind="object")
+            params = fields.get("params", (None, []))[1] or []
+            group["params"] = [mapping.names.get(p, str(p)) for p in params]
+            param_groups.append(group)
+    return out, param_groups
+
+
+def _jsonable(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _assign_files(tensors: list[OutputTensor], kind: str, max_bytes: int) -> list[OutputFile]:
+    """Group tensors, in order, into files of at most ``max_bytes`` (a bigger tensor gets its own)."""
+    if not tensors:
+        return []
+    groups: list[list[OutputTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if groups[-1] and size + t.nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    prefix = SET_PREFIX[kind]
+    n = len(groups)
+    names = [f"{prefix}.safetensors"] if n == 1 else [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    return [OutputFile(name, kind, g, {"format": "pt"}) for name, g in zip(names, groups, strict=True)]

@@ -1,0 +1,1 @@
+"""Pure reconciliation rules: keys, padding, fused weights, optimizer mapping, tensor ops."""

@@ -1,0 +1,107 @@
+"""Tensor operations a plan records, as data, and the one function that applies them.
+
+Each op is a small JSON-serialisable dict so plans can be printed, stored in the report, and
+sent to Ray tasks. ``apply_ops`` is pure: it never touches files.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from shardfix.dtypes import torch_dtype
+
+Op = dict[str, Any]
+
+
+def narrow(dim: int, start: int, length: int) -> Op:
+    return {"op": "narrow", "dim": dim, "start": start, "length": length}
+
+
+def select(dim: int, index: int) -> Op:
+    return {"op": "select", "dim": dim, "index": index}
+
+
+def reshape(shape: list[int] | tuple[int, ...]) -> Op:
+    return {"op": "reshape", "shape": list(shape)}
+
+
+def transpose(dim0: int, dim1: int) -> Op:
+    return {"op": "transpose", "dims": [dim0, dim1]}
+
+
+def cast(dtype: str) -> Op:
+    return {"op": "cast", "dtype": dtype}
+
+
+def blocks(dim: int, block: int, keep: int, count: int) -> Op:
+    """Keep the first ``keep`` of each of ``count`` blocks of ``block`` along ``dim``."""
+    return {"op": "blocks", "dim": dim, "block": block, "keep": keep, "count": count}
+
+
+def grow(dim: int, length: int, fill: str) -> Op:
+    """Extend ``dim`` to ``length`` with rows filled by ``fill`` ("zeros" or "mean")."""
+    return {"op": "grow", "dim": dim, "length": length, "fill": fill}
+
+
+def value(v: float | int | bool, dtype: str) -> Op:
+    """A 0-d tensor made from a Python number stored in the checkpoint (e.g. ``step``)."""
+    return {"op": "value", "value": v, "dtype": dtype}
+
+
+def apply_ops(t: torch.Tensor | None, ops: list[Op]) -> torch.Tensor:
+    """Apply ``ops`` in order. ``t`` may be None only when the first op is ``value``."""
+    for op in ops:
+        kind = op["op"]
+        if kind == "value":
+            t = torch.tensor(op["value"], dtype=torch_dtype(op["dtype"]))
+        elif kind == "narrow":
+            t = t.narrow(op["dim"], op["start"], op["length"])
+        elif kind == "select":
+            t = t.select(op["dim"], op["index"])
+        elif kind == "reshape":
+            t = t.reshape(op["shape"])
+        elif kind == "transpose":
+            t = t.transpose(*op["dims"])
+        elif kind == "cast":
+            t = t.to(torch_dtype(op["dtype"]))
+        elif kind == "blocks":
+            parts = [t.narrow(op["dim"], i * op["block"], op["keep"]) for i in range(op["count"])]
+            t = torch.cat(parts, dim=op["dim"])
+        elif kind == "grow":
+            dim, length = op["dim"], op["length"]
+            extra = length - t.shape[dim]
+            shape = list(t.shape)
+            shape[dim] = extra
+            if op["fill"] == "mean":
+                pad = t.float().mean(dim=dim, keepdim=True).to(t.dtype).expand(shape)
+            else:
+                pad = torch.zeros(shape, dtype=t.dtype)
+            t = torch.cat([t, pad], dim=dim)
+        else:  # pragma: no cover - plans are built by shardfix
+            raise ValueError(f"unknown op {kind!r}")
+    assert t is not None
+    return t
+
+
+def out_shape(shape: tuple[int, ...], ops: list[Op]) -> tuple[int, ...]:
+    """The shape ``apply_ops`` produces, computed on the meta device (no data)."""
+    if ops and ops[0]["op"] == "value":
+        return ()
+    meta = torch.empty(shape, device="meta")
+    for op in ops:
+        if op["op"] in ("cast",):
+            continue
+        if op["op"] == "grow":
+            s = list(meta.shape)
+            s[op["dim"]] = op["length"]
+            meta = torch.empty(s, device="meta")
+            continue
+        if op["op"] == "blocks":
+            s = list(meta.shape)
+            s[op["dim"]] = op["keep"] * op["count"]
+            meta = torch.empty(s, device="meta")
+            continue
+        meta = apply_ops(meta, [op])
+    return tuple(meta.shape)

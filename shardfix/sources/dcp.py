@@ -1,0 +1,327 @@
+"""PyTorch Distributed Checkpoint (DCP) directories: ``.metadata`` plus ``__{rank}_{i}.distcp``.
+
+The index comes from the metadata pickle, loaded with the allowlist unpickler in
+:mod:`shardfix.safe_pickle` (never ``pickle.load``). A ``use_collectives=False`` save has one
+``__{rank}.metadata`` per rank instead; those are merged. Every tensor's chunk boxes must tile
+its global shape exactly and every record must lie inside its file -- checked when the index
+is built, before any tensor byte is read.
+
+Each chunk record is a complete ``torch.save`` zip archive (or a zstd frame holding one, or,
+for ``serialization_format=SAFETENSORS`` saves, a tensor inside a safetensors file). Records
+are read by byte range and decoded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import struct
+import threading
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from shardfix.dtypes import numel, st_name, torch_dtype
+from shardfix.errors import BadInputError, IncompleteSourceError
+from shardfix.safe_pickle import load_metadata_pickle
+from shardfix.sources.base import Chunk, ObjectEntry, SourceIndex, TensorEntry
+from shardfix.sources.records import decode_record, read_exact, read_into
+
+NAME = "dcp"
+DESCRIBE = "a DCP directory with .metadata and .distcp files"
+
+_RANK_METADATA = re.compile(r"^__(\d+)\.metadata$")
+
+
+def _metadata_files(path: Path) -> list[Path]:
+    if (path / ".metadata").is_file():
+        return [path / ".metadata"]
+    ranks = sorted(
+        (int(m.group(1)), p) for p in path.iterdir() if (m := _RANK_METADATA.match(p.name))
+    )
+    return [p for _, p in ranks]
+
+
+def detect(path: Path) -> bool:
+    """A directory with DCP metadata or ``.distcp`` files."""
+    if not path.is_dir():
+        return False
+    if (path / ".metadata").is_file():
+        return True
+    try:
+        return any(p.suffix == ".distcp" or _RANK_METADATA.match(p.name) for p in path.iterdir())
+    except OSError:
+        return False
+
+
+def open(path: Path) -> DcpSource:  # noqa: A001 - registry verb
+    return DcpSource(path)
+
+
+def _check_tiling(key: str, shape: tuple[int, ...], chunks: list[Chunk]) -> None:
+    """Raise unless the chunk boxes cover ``shape`` exactly: no gap, no overlap, in bounds."""
+    for c in chunks:
+        if len(c.offsets) != len(shape) or len(c.sizes) != len(shape):
+            raise IncompleteSourceError(
+                f"{key}: chunk at {list(c.offsets)} has rank {len(c.sizes)}, tensor has {len(shape)}"
+            )
+        for o, s, d in zip(c.offsets, c.sizes, shape, strict=True):
+            if o < 0 or s < 0 or o + s > d:
+                raise IncompleteSourceError(
+                    f"{key}: chunk at offsets {list(c.offsets)} sizes {list(c.sizes)} lies outside "
+                    f"the tensor's shape {list(shape)}; the metadata is corrupt"
+                )
+    total = sum(c.numel for c in chunks)
+    expected = numel(shape)
+    nonempty = sorted((c for c in chunks if c.numel), key=lambda c: c.offsets)
+    if shape:
+        for i, a in enumerate(nonempty):
+            a_end = a.offsets[0] + a.sizes[0]
+            for b in nonempty[i + 1 :]:
+                if b.offsets[0] >= a_end:
+                    break
+                if all(
+                    max(ao, bo) < min(ao + as_, bo + bs)
+                    for ao, as_, bo, bs in zip(a.offsets, a.sizes, b.offsets, b.sizes, strict=True)
+                ):
+                    raise IncompleteSourceError(
+                        f"{key}: chunks at offsets {list(a.offsets)} and {list(b.offsets)} overlap; "
+                        "the metadata is corrupt or merges two different saves"
+                    )
+    elif len(nonempty) > 1:
+        raise IncompleteSourceError(f"{key}: a 0-d tensor has {len(nonempty)} chunks")
+    if total != expected:
+        raise IncompleteSourceError(
+            f"{key}: the chunks cover {total} of {expected} elements of shape {list(shape)}; "
+            "a rank's data is missing (for per-rank metadata, every __N.metadata must be present)"
+        )
+
+
+class DcpSource:
+    """A DCP checkpoint directory."""
+
+    format: ClassVar[str] = NAME
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._fds: dict[str, int] = {}
+        md_files = _metadata_files(path)
+        if not md_files:
+            raise IncompleteSourceError(
+                f"{path}: has .distcp files but no .metadata (nor __N.metadata); the save did not "
+                "finish or the metadata was not copied -- copy the whole checkpoint directory"
+            )
+        metas = [load_metadata_pickle(p) for p in md_files]
+        self.index = self._build_index(md_files, metas)
+
+    # -- index -------------------------------------------------------------------------
+
+    def _build_index(self, md_files: list[Path], metas: list[Any]) -> SourceIndex:
+        sd_meta: dict[str, Any] = {}
+        planner: dict[str, Any] = {}
+        storage: dict[tuple[str, tuple[int, ...] | None], Any] = {}
+        chunk_lists: dict[str, list[Any]] = {}
+        for md_path, md in zip(md_files, metas, strict=True):
+            try:
+                items = md.state_dict_metadata.items()
+                storage_items = (md.storage_data or {}).items()
+                planner.update(md.planner_data or {})
+            except AttributeError as e:
+                raise BadInputError(f"{md_path}: not DCP metadata ({e})") from e
+            for key, meta in items:
+                if key in sd_meta and hasattr(meta, "chunks"):
+                    chunk_lists[key].extend(meta.chunks)
+                else:
+                    sd_meta[key] = meta
+                    if hasattr(meta, "chunks"):
+                        chunk_lists[key] = list(meta.chunks)
+            for mi, info in storage_items:
+                off = tuple(mi.offset) if mi.offset is not None else None
+                storage[(mi.fqn, off)] = info
+
+        files: dict[str, int] = {}
+        for p in sorted(self.path.iterdir()):
+            if p.suffix == ".distcp":
+                files[p.name] = p.stat().st_size
+
+        entries: list[TensorEntry | ObjectEntry] = []
+        for key, meta in sd_meta.items():
+            path = tuple(planner.get(key, (key,)))
+            if hasattr(meta, "chunks"):
+                shape = tuple(int(d) for d in meta.size)
+                dtype = st_name(meta.properties.dtype)
+                chunks = []
+                for c in chunk_lists[key]:
+                    offs = tuple(int(o) for o in c.offsets)
+                    sizes = tuple(int(s) for s in c.sizes)
+                    info = storage.get((key, offs))
+                    if info is None:
+                        if numel(sizes) == 0:
+                            chunks.append(Chunk(offs, sizes))
+                            continue
+                        raise IncompleteSourceError(
+                            f"{self.path}: no storage record for {key} chunk at {list(offs)}; "
+                            "the metadata is incomplete"
+                        )
+                    chunks.append(self._chunk(key, offs, sizes, info, files))
+                _check_tiling(key, shape, chunks)
+                entries.append(TensorEntry(key, path, dtype, shape, tuple(chunks)))
+            else:
+                info = storage.get((key, None))
+                if info is None:
+                    raise IncompleteSourceError(f"{self.path}: no storage record for bytes entry {key}")
+                entries.append(self._object_entry(key, path, self._chunk(key, (), (), info, files)))
+        total = sum(files.values()) + sum(p.stat().st_size for p in md_files)
+        return SourceIndex(
+            path=self.path,
+            format=NAME,
+            files=[*md_files, *(self.path / f for f in files)],
+            total_bytes=total,
+            entries=entries,
+            notes=[f"merged {len(md_files)} per-rank metadata files"] if len(md_files) > 1 else [],
+        )
+
+    def _chunk(
+        self, key: str, offs: tuple[int, ...], sizes: tuple[int, ...], info: Any, files: dict[str, int]
+    ) -> Chunk:
+        rel = str(info.relative_path)
+        if rel not in files:
+            raise IncompleteSourceError(
+                f"{self.path / rel}: missing (needed for {key}); copy every .distcp file of the "
+                "checkpoint -- each rank wrote its own"
+            )
+        start, length = int(info.offset), int(info.length)
+        if start < 0 or length < 0 or start + length > files[rel]:
+            raise IncompleteSourceError(
+                f"{self.path / rel}: record for {key} spans bytes {start}..{start + length} but the "
+                f"file has {files[rel]} bytes; the file is truncated -- copy it again"
+            )
+        transforms = tuple(getattr(info, "transform_descriptors", None) or ())
+        return Chunk(offs, sizes, rel, start, length, transforms)
+
+    def _object_entry(self, key: str, path: tuple, chunk: Chunk) -> ObjectEntry:
+        raw = self._read(chunk, key)
+        try:
+            value = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
+        except Exception as e:  # weights_only refuses arbitrary objects
+            if "weights_only" in str(e) or "Unsupported global" in str(e):
+                return ObjectEntry(
+                    key, path, None, "unreadable: needs full unpickling (refused, see --trust-pickle)"
+                )
+            raise BadInputError(
+                f"{self.path / (chunk.file or '')}: cannot decode bytes entry {key}: {e}"
+            ) from e
+        return ObjectEntry(key, path, value, type(value).__name__)
+
+    # -- reading ----------------------------------------------------------------------
+
+    def _fd(self, rel: str) -> int:
+        with self._lock:
+            fd = self._fds.get(rel)
+            if fd is None:
+                try:
+                    fd = os.open(self.path / rel, os.O_RDONLY)
+                except OSError as e:
+                    raise IncompleteSourceError(f"{self.path / rel}: cannot open ({e.strerror})") from e
+                self._fds[rel] = fd
+            return fd
+
+    def _read(self, chunk: Chunk, key: str) -> bytearray:
+        assert chunk.file is not None
+        return read_exact(self._fd(chunk.file), chunk.byte_offset, chunk.length, self.path / chunk.file, key)
+
+    def read_chunk(self, entry: TensorEntry, chunk: Chunk) -> torch.Tensor:
+        """Decode one chunk record and check it matches the metadata's dtype and box."""
+        dtype = torch_dtype(entry.dtype)
+        if chunk.numel == 0:
+            return torch.empty(chunk.sizes, dtype=dtype)
+        origin = self.path / (chunk.file or "")
+        header = self._safetensors_header(chunk.file or "")
+        if header is not None:
+            t = self._read_safetensors_chunk(entry, chunk, header)
+        else:
+            raw = self._read(chunk, entry.key)
+            t = decode_record(raw, chunk.transforms, origin, entry.key)
+        if t.dtype != dtype or tuple(t.shape) != chunk.sizes:
+            raise IncompleteSourceError(
+                f"{origin}: record for {entry.key} at {list(chunk.offsets)} holds "
+                f"{t.dtype} {list(t.shape)} but the metadata says {dtype} {list(chunk.sizes)}; "
+                "the checkpoint is corrupt or its files come from different saves"
+            )
+        return t
+
+    def _safetensors_header(self, rel: str) -> dict[str, Any] | None:
+        """The parsed header when ``rel`` was saved with ``serialization_format=SAFETENSORS``."""
+        cache = self.__dict__.setdefault("_st_headers", {})
+        if rel not in cache:
+            fd = self._fd(rel)
+            head = os.pread(fd, 9, 0)
+            header = None
+            if len(head) == 9 and head[8:9] == b"{":
+                (n,) = struct.unpack("<Q", head[:8])
+                try:
+                    header = json.loads(read_exact(fd, 8, n, self.path / rel, "header"))
+                    header["__base__"] = 8 + n
+                except ValueError as e:
+                    raise IncompleteSourceError(f"{self.path / rel}: corrupt safetensors header: {e}") from e
+            cache[rel] = header
+        return cache[rel]
+
+    def _read_safetensors_chunk(self, entry: TensorEntry, chunk: Chunk, header: dict[str, Any]) -> torch.Tensor:
+        origin = self.path / (chunk.file or "")
+        info = header.get(entry.key)
+        if info is None:
+            raise IncompleteSourceError(f"{origin}: holds no tensor {entry.key}; the metadata belongs to another save")
+        start, end = info["data_offsets"]
+        if info["dtype"] != entry.dtype or tuple(info["shape"]) != chunk.sizes:
+            raise IncompleteSourceError(
+                f"{origin}: {entry.key} is {info['dtype']} {info['shape']} but the metadata says "
+                f"{entry.dtype} {list(chunk.sizes)}"
+            )
+        out = torch.empty(chunk.sizes, dtype=torch_dtype(entry.dtype))
+        dest = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        if len(dest) != end - start:
+            raise IncompleteSourceError(f"{origin}: {entry.key} has {end - start} bytes, expected {len(dest)}")
+        read_into(self._fd(chunk.file or ""), header["__base__"] + start, dest, origin, entry.key)
+        return out
+
+    def read_tensor(self, key: str) -> torch.Tensor:
+        entry = self._entry(key)
+        dtype = torch_dtype(entry.dtype)
+        if len(entry.chunks) == 1 and entry.chunks[0].sizes == entry.shape:
+            return self.read_chunk(entry, entry.chunks[0])
+        out = torch.empty(entry.shape, dtype=dtype)
+        for chunk in entry.chunks:
+            if chunk.numel == 0:
+                continue
+            part = self.read_chunk(entry, chunk)
+            view = out
+            for dim, (o, s) in enumerate(zip(chunk.offsets, chunk.sizes, strict=True)):
+                view = view.narrow(dim, o, s)
+            view.copy_(part)
+        return out
+
+    def _entry(self, key: str) -> TensorEntry:
+        if not hasattr(self, "_by_key"):
+            self._by_key = {e.key: e for e in self.index.tensors()}
+        try:
+            return self._by_key[key]
+        except KeyError:
+            raise BadInputError(f"{self.path}: no tensor {key!r} in the checkpoint") from None
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+

@@ -1,0 +1,87 @@
+"""Reading byte ranges and decoding DCP chunk records.
+
+A record is a complete ``torch.save`` zip archive, optionally inside a zstd frame. Decoding is
+always ``weights_only=True``. Failures name the file and key and say what to do.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from shardfix.errors import BadInputError, IncompleteSourceError
+
+ZIP_MAGIC = b"PK\x03\x04"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+ZSTD_DESCRIPTOR = "stream.zstd"
+
+#: Linux returns at most about 2 GiB from one read; ask for less and loop.
+_MAX_READ = 1 << 30
+
+
+def read_exact(fd: int, offset: int, length: int, origin: Path, key: str) -> bytearray:
+    """Read exactly ``length`` bytes at ``offset`` of ``fd`` into a new buffer."""
+    buf = bytearray(length)
+    read_into(fd, offset, memoryview(buf), origin, key)
+    return buf
+
+
+def read_into(fd: int, offset: int, dest: memoryview, origin: Path, key: str) -> None:
+    """Fill ``dest`` from ``fd`` at ``offset``, looping over short reads."""
+    done, length = 0, len(dest)
+    while done < length:
+        try:
+            n = os.preadv(fd, [dest[done : done + min(_MAX_READ, length - done)]], offset + done)
+        except OSError as e:
+            raise IncompleteSourceError(f"{origin}: read error for {key}: {e.strerror}") from e
+        if n == 0:
+            raise IncompleteSourceError(
+                f"{origin}: ends after {offset + done} bytes while reading {key} "
+                f"(needs {offset + length}); the file is truncated -- copy it again"
+            )
+        done += n
+
+
+def _unzstd(raw: bytes | bytearray, origin: Path, key: str) -> bytes:
+    try:
+        import zstandard
+    except ImportError:
+        raise BadInputError(
+            f"{origin}: the record for {key} is zstd-compressed; install the zstandard package "
+            "(pip install zstandard) to read it"
+        ) from None
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)) as r:
+            return r.read()
+    except zstandard.ZstdError as e:
+        raise IncompleteSourceError(f"{origin}: corrupt zstd record for {key}: {e}") from e
+
+
+def decode_record(
+    raw: bytes | bytearray, transforms: Sequence[str], origin: Path, key: str
+) -> torch.Tensor:
+    """Turn one record's bytes into the tensor it holds."""
+    data: bytes | bytearray = raw
+    if any(t.startswith(ZSTD_DESCRIPTOR) for t in transforms) or raw[:4] == ZSTD_MAGIC:
+        data = _unzstd(raw, origin, key)
+    unknown = [t for t in transforms if not t.startswith(ZSTD_DESCRIPTOR)]
+    if unknown:
+        raise BadInputError(f"{origin}: record for {key} uses unsupported transforms {unknown}")
+    if data[:4] != ZIP_MAGIC:
+        raise IncompleteSourceError(
+            f"{origin}: the record for {key} is not a torch.save archive (starts with "
+            f"{bytes(data[:4])!r}); the file is corrupt or the metadata belongs to another save"
+        )
+    try:
+        value = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise IncompleteSourceError(
+            f"{origin}: corrupt record for {key} ({type(e).__name__}: {e}); copy the file again"
+        ) from e
+    if not isinstance(value, torch.Tensor):
+        raise IncompleteSourceError(f"{origin}: record for {key} holds {type(value).__name__}, not a tensor")
+    return value
