@@ -19,6 +19,7 @@ from shardfix.dtypes import CAST_CHOICES, FLOAT_NAMES, itemsize, numel
 from shardfix.errors import ReconcileConflictError
 from shardfix.options import ConvertOptions
 from shardfix.reconcile import ops as O
+from shardfix.reconcile.fused import Part, split_parts
 from shardfix.reconcile.keys import Role, classify, is_flat_model, strip_wrappers
 from shardfix.reconcile.optimizer import IdMapping, map_ids, read_param_names
 from shardfix.reconcile.padding import ShapeFix, looks_padded_vocab, reconcile_shape
@@ -162,6 +163,13 @@ class _ModelTensor:
     actions: list[dict[str, Any]]
     fix: ShapeFix = field(default_factory=ShapeFix)
     dropped: str | None = None
+    #: outputs made from this tensor after the shape fix: one, or several for a fused split.
+    parts: list[Part] = field(default_factory=list)
+
+    def outputs(self) -> list[tuple[str, list[dict[str, Any]], list[dict[str, Any]]]]:
+        """(output name, ops, actions) for each output, the shape fix first, in source order."""
+        parts = self.parts or [Part(self.name)]
+        return [(p.name, [*self.fix.ops, *p.ops], [*self.fix.actions, *p.actions]) for p in parts]
 
 
 def _padded_vocab(tensors: dict[str, _ModelTensor]) -> int | None:
@@ -286,6 +294,17 @@ def build_plan(index: SourceIndex, opts: ConvertOptions, targets: Targets | None
         else:
             t.fix = fix
 
+    # -- fused weights ---------------------------------------------------------------------------
+    if opts.split_fused or opts.key_map:
+        for t in model.values():
+            if t.dropped:
+                continue
+            split = split_parts(t.name, O.out_shape(t.entry.shape, t.fix.ops), opts, targets)
+            if isinstance(split, str):
+                problems.append(split)
+            elif split:
+                t.parts = split
+
     # -- optimizer ---------------------------------------------------------------------------
     optim_out, param_groups = _plan_optimizer(index, roles, model, opts, ledger, warnings, problems)
 
@@ -300,17 +319,21 @@ def build_plan(index: SourceIndex, opts: ConvertOptions, targets: Targets | None
         if t.dropped:
             ledger[e.key] = LedgerEntry(e.key, "dropped", [], t.actions, t.dropped, dtype=e.dtype, shape=list(e.shape))
             continue
-        ops_ = list(t.fix.ops)
-        actions = [*t.actions, *t.fix.actions]
-        dtype = e.dtype
-        if cast_to and e.dtype in FLOAT_NAMES and e.dtype != cast_to:
-            ops_.append(O.cast(cast_to))
-            actions.append({"action": "cast", "from": e.dtype, "to": cast_to, "rule": f"--dtype {opts.dtype}"})
-            dtype = cast_to
-        shape = list(O.out_shape(e.shape, ops_))
-        model_out.append(OutputTensor(name, e.key, dtype, shape, ops_))
-        fate = "reconciled" if t.fix.ops else "written"
-        ledger[e.key] = LedgerEntry(e.key, fate, [name], actions, dtype=e.dtype, shape=list(e.shape))
+        actions = list(t.actions)
+        names = []
+        for out_name, ops_, part_actions in t.outputs():
+            actions += part_actions
+            dtype = e.dtype
+            if cast_to and e.dtype in FLOAT_NAMES and e.dtype != cast_to:
+                ops_ = [*ops_, O.cast(cast_to)]
+                if not any(a["action"] == "cast" for a in actions):
+                    actions.append({"action": "cast", "from": e.dtype, "to": cast_to, "rule": f"--dtype {opts.dtype}"})
+                dtype = cast_to
+            model_out.append(OutputTensor(out_name, e.key, dtype, list(O.out_shape(e.shape, ops_)), ops_))
+            names.append(out_name)
+        reshaped = bool(t.fix.ops) or any(p.ops for p in t.parts)
+        fate = "split" if len(names) > 1 else "reconciled" if reshaped else "written"
+        ledger[e.key] = LedgerEntry(e.key, fate, names, actions, dtype=e.dtype, shape=list(e.shape))
 
     # -- everything else -------------------------------------------------------------------------
     for e in index.entries:
@@ -455,15 +478,10 @@ def _plan_optimizer(
                                                     reason=f"non-tensor optimizer state ({e.type_name})")
                     continue
                 shape = tuple(e.shape)
-                ops_: list[dict[str, Any]] = []
-                fate = "written"
                 if shape == pt.entry.shape:
-                    if pt.fix.ops:
-                        ops_ = list(pt.fix.ops)
-                        actions += [{**a, "rule": a.get("rule", "") + " (follows its parameter)"} for a in pt.fix.actions]
-                        fate = "reconciled"
+                    outs = pt.outputs()
                 elif len(shape) == 0 or numel(shape) == 1 and len(shape) <= 1:
-                    pass  # scalar state such as step is copied
+                    outs = [(n, [], []) for n, _, _ in pt.outputs()]  # scalar state (step): copied per part
                 else:
                     reason = (f"shape {list(shape)} does not match its parameter {pname} {list(pt.entry.shape)}: "
                               "a partial (one rank's) slice or a differently shaped state; not written as the full state")
@@ -471,8 +489,16 @@ def _plan_optimizer(
                                                 dtype=e.dtype, shape=list(shape))
                     warnings.append(f"{e.key}: {reason}")
                     continue
-                out.append(OutputTensor(out_name, e.key, e.dtype, list(O.out_shape(shape, ops_)), ops_))
-                ledger[e.key] = LedgerEntry(e.key, fate, [out_name], actions, dtype=e.dtype, shape=list(shape))
+                names = []
+                changed = False
+                for part_name, ops_, part_actions in outs:
+                    o_name = f"state.{part_name}.{sname}"
+                    out.append(OutputTensor(o_name, e.key, e.dtype, list(O.out_shape(shape, ops_)), ops_))
+                    names.append(o_name)
+                    changed = changed or bool(ops_)
+                    actions += [{**a, "rule": a.get("rule", "") + " (follows its parameter)"} for a in part_actions]
+                fate = "split" if len(names) > 1 else "reconciled" if changed else "written"
+                ledger[e.key] = LedgerEntry(e.key, fate, names, actions, dtype=e.dtype, shape=list(shape))
         for g in sorted(gdict):
             fields = gdict[g]
             group: dict[str, Any] = {"optimizer": opt, "group": g}

@@ -1,0 +1,7 @@
+"""``python -m shardfix`` runs the CLI."""
+
+import sys
+
+from shardfix.cli import main
+
+sys.exit(main())
