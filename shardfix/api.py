@@ -43,11 +43,25 @@ def plan_conversion(src: str | Path, opts: ConvertOptions | None = None) -> Plan
     opts = opts or ConvertOptions()
     t0 = time.perf_counter()
     index = load_index(src, opts)
+    companions = load_index(opts.companions) if opts.companions else None
     t1 = time.perf_counter()
-    plan = build_plan(index, opts, resolve_targets(opts, index))
+    plan = build_plan(index, opts, resolve_targets(opts, index), companions)
     plan.findings["timings"] = {"index": round(t1 - t0, 4), "plan": round(time.perf_counter() - t1, 4)}
     log.debug("indexed %s in %.2fs, planned in %.2fs", src, t1 - t0, time.perf_counter() - t1)
     return plan
+
+
+def add_evidence(plan: Plan, src: str | Path, opts: ConvertOptions) -> None:
+    """Read the few tensors evidence needs and record findings and warnings on the plan."""
+    from shardfix.evidence import gather_evidence
+
+    source = open_source(src, trust_pickle=opts.trust_pickle)
+    try:
+        findings, warnings = gather_evidence(plan, source)
+    finally:
+        source.close()
+    plan.findings["evidence"] = findings
+    plan.warnings.extend(warnings)
 
 
 def convert(src: str | Path, out: str | Path, opts: ConvertOptions | None = None) -> dict[str, Any]:
@@ -61,6 +75,7 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions | None = None
     out = Path(out)
     t0 = time.perf_counter()
     plan = plan_conversion(src, opts)
+    add_evidence(plan, src, opts)
     t_plan = time.perf_counter() - t0
     prepare_output(out, overwrite=opts.overwrite, resume=opts.resume)
     (out / REPORT_NAME).unlink(missing_ok=True)

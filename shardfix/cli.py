@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-config", help="HF config.json giving heads and head_dim")
     p.add_argument("--profile", help="checkpoint profile (default: detected)")
     p.add_argument("--trust-pickle", action="store_true")
+    p.add_argument("--no-evidence", action="store_true",
+                   help="metadata only: do not read embedding moments and small vectors for evidence")
 
     p = sub.add_parser("plan", help="print the conversion plan without reading tensor data")
     p.add_argument("src")
@@ -108,8 +110,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from shardfix.api import load_index
     from shardfix.inspect import format_inspection, inspect_index
 
-    index = load_index(args.src, ConvertOptions(trust_pickle=args.trust_pickle))
+    opts = ConvertOptions(trust_pickle=args.trust_pickle)
+    index = load_index(args.src, opts)
     info = inspect_index(index)
+    if not args.no_evidence:
+        from shardfix.api import add_evidence
+        from shardfix.plan import build_plan
+
+        plan = build_plan(index, ConvertOptions(trust_pickle=args.trust_pickle, no_optimizer=False))
+        add_evidence(plan, args.src, opts)
+        info["evidence"] = plan.findings["evidence"]
+        ev = info["evidence"]
+        extra = info.setdefault("extra", {})
+        for v in ev["vocab_rows"]:
+            extra[f"vocab rows ({v['tensor']})"] = (f"{v['rows']} rows; {v['untrained_rows']} never trained (all-zero "
+                                                    f"{v['moment'].rsplit('.', 1)[-1]}); trained rows end at "
+                                                    f"{v['trailing_untrained_from']} -> true vocab likely <= "
+                                                    f"{v['likely_vocab_at_most']}")
+        for v in ev["padding_vectors"]:
+            extra[f"padding ({v['tensor']})"] = (f"length {v['length']}, {v['trailing_ones']} trailing ones; implied "
+                                                 f"world sizes {v['implied_world_sizes'][:8]}")
     print(json.dumps(info, indent=2, default=str) if args.json else format_inspection(info))
     return 0
 

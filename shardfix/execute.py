@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from shardfix.errors import BadInputError, InternalError, OutputError
-from shardfix.plan import MODEL, OPTIMIZER, OutputFile, OutputTensor, Plan
+from shardfix.plan import COMPANIONS, MODEL, OPTIMIZER, OutputFile, OutputTensor, Plan
 from shardfix.reconcile.ops import apply_ops
 from shardfix.report import REPORT_NAME
 from shardfix.safetensors_io import StreamingWriter, TensorSpec, file_checksum, index_json, write_json_atomic
@@ -64,23 +64,25 @@ def write_file_task(ctx: dict[str, Any], file: dict[str, Any]) -> dict[str, Any]
     t0 = time.perf_counter()
     of = file_from_dict(file)
     src = _open_cached(ctx["source"], ctx["format"], ctx.get("trust_pickle", False))
+    comp = ctx.get("companions")
     device = torch.device(ctx.get("device", "cpu"))
     staging = Path(ctx["staging"])
     specs = [TensorSpec(t.name, t.dtype, tuple(t.shape)) for t in of.tensors]
     read_s = 0.0
-    last_key: str | None = None
+    last_key: tuple[str, str] | None = None
     last: torch.Tensor | None = None
     with StreamingWriter(staging / of.name, specs, of.metadata) as writer:
         for t in of.tensors:
             if t.ops and t.ops[0]["op"] == "value":
                 tensor = apply_ops(None, t.ops)
             else:
-                if t.source != last_key:
+                if (t.origin, t.source) != last_key:
                     last = None  # drop the previous tensor before reading the next
                     r0 = time.perf_counter()
-                    last = src.read_tensor(t.source)
+                    reader = src if t.origin == "source" else _open_cached(comp["path"], comp["format"], False)
+                    last = reader.read_tensor(t.source)
                     read_s += time.perf_counter() - r0
-                    last_key = t.source
+                    last_key = (t.origin, t.source)
                     if device.type == "cuda":
                         last = last.to(device, non_blocking=False)
                 tensor = apply_ops(last, t.ops)
@@ -241,7 +243,7 @@ def finish(out: Path, plan: Plan, results: dict[str, dict[str, Any]]) -> list[di
             t["source"] = planned[t["name"]].source
             t["ops"] = planned[t["name"]].ops
         outputs.append(done)
-    for kind in (MODEL, OPTIMIZER):
+    for kind in (MODEL, OPTIMIZER, COMPANIONS):
         fs = plan.files_of(kind)
         if len(fs) > 1:
             weight_map = {t.name: f.name for f in fs for t in f.tensors}
@@ -270,6 +272,7 @@ def execute(plan: Plan, out: Path, opts: Any) -> tuple[list[dict[str, Any]], dic
     ctx = {
         "source": plan.source["path"], "format": plan.source["format"], "trust_pickle": opts.trust_pickle,
         "staging": str(staging), "device": opts.device, "verify": opts.verify,
+        "companions": plan.source.get("companions"),
     }
     results: dict[str, dict[str, Any]] = {}
     todo: list[OutputFile] = []

@@ -43,6 +43,8 @@ class OutputTensor:
     dtype: str
     shape: list[int]
     ops: list[dict[str, Any]] = field(default_factory=list)
+    #: which input the source key belongs to: "source" (the checkpoint) or "companions"
+    origin: str = "source"
 
     @property
     def nbytes(self) -> int:
@@ -76,11 +78,14 @@ class LedgerEntry:
     kind: str = "tensor"
     dtype: str | None = None
     shape: list[int] | None = None
+    #: set for entries of a second input (``--companions``); None for the checkpoint itself
+    origin: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if d["reason"] is None:
-            d.pop("reason")
+        for optional in ("reason", "origin"):
+            if d[optional] is None:
+                d.pop(optional)
         return d
 
 
@@ -199,8 +204,13 @@ def _vocab_target(shape: tuple[int, ...], padded: int, vocab: int) -> tuple[int,
     return tuple(out) if hit else None
 
 
-def build_plan(index: SourceIndex, opts: ConvertOptions, targets: Targets | None = None) -> Plan:
+def build_plan(
+    index: SourceIndex, opts: ConvertOptions, targets: Targets | None = None, companions: SourceIndex | None = None
+) -> Plan:
     """Plan the conversion of ``index`` under ``opts`` and ``targets`` (no tensor data read).
+
+    ``companions`` is the index of a ``--companions`` file: side tensors keyed by parameter name
+    (masks, EMA copies) that receive exactly their parameter's cuts and go to their own file set.
 
     Raises:
         ReconcileConflictError: listing every unreconcilable tensor at once (unless
@@ -230,6 +240,8 @@ def build_plan(index: SourceIndex, opts: ConvertOptions, targets: Targets | None
         for r in removed:
             prefixes[r + "."] += 1
         actions: list[dict[str, Any]] = []
+        if e.layout != "strided":
+            actions.append({"action": "densify", "rule": f"{e.layout} tensor written dense"})
         if name != e.key:
             why = []
             if role.container:
@@ -258,7 +270,7 @@ def build_plan(index: SourceIndex, opts: ConvertOptions, targets: Targets | None
     for name, shape in targets.shapes.items():
         if name in wanted and wanted[name] != shape:
             problems.append(
-                f"{name}: --vocab-size {vocab} implies {list(wanted[name])} but "
+                f"{name}: {targets.origins.get('vocab', 'the vocab')} implies {list(wanted[name])} but "
                 f"{targets.origins.get('shapes', 'the target shapes')} say {list(shape)}"
             )
         wanted[name] = shape
@@ -350,7 +362,12 @@ def build_plan(index: SourceIndex, opts: ConvertOptions, targets: Targets | None
         else:
             ledger[e.key] = LedgerEntry(e.key, "dropped", reason="not mapped to any output", kind=kind, **extra)
 
-    files = _assign_files(model_out, MODEL, opts.max_shard_size) + _assign_files(optim_out, OPTIMIZER, opts.max_shard_size)
+    comp_out: list[OutputTensor] = []
+    comp_ledger: list[LedgerEntry] = []
+    if companions is not None:
+        comp_out, comp_ledger = _plan_companions(companions, model, warnings)
+    files = (_assign_files(model_out, MODEL, opts.max_shard_size) + _assign_files(optim_out, OPTIMIZER, opts.max_shard_size)
+             + _assign_files(comp_out, COMPANIONS, opts.max_shard_size))
     findings = {
         "layout": "flat state dict" if flat else "containers",
         "prefixes_stripped": dict(prefixes),
@@ -367,10 +384,11 @@ def build_plan(index: SourceIndex, opts: ConvertOptions, targets: Targets | None
         )
     return Plan(
         source={"path": str(index.path), "format": index.format, "files": [str(p) for p in index.files],
-                "bytes": index.total_bytes, "notes": index.notes},
+                "bytes": index.total_bytes, "notes": index.notes,
+                **({"companions": {"path": str(companions.path), "format": companions.format}} if companions else {})},
         options=opts.to_dict(),
         files=files,
-        ledger=[ledger[e.key] for e in index.entries],
+        ledger=[ledger[e.key] for e in index.entries] + comp_ledger,
         findings=findings,
         warnings=warnings,
         param_groups=param_groups,
@@ -512,6 +530,54 @@ def _plan_optimizer(
             group["params"] = [mapping.names.get(p, str(p)) for p in params]
             param_groups.append(group)
     return out, param_groups
+
+
+def _plan_companions(
+    comp: SourceIndex, model: dict[str, _ModelTensor], warnings: list[str]
+) -> tuple[list[OutputTensor], list[LedgerEntry]]:
+    """Side tensors keyed by parameter name follow their parameter's cuts, or are skipped by name."""
+    out: list[OutputTensor] = []
+    ledger: list[LedgerEntry] = []
+    skipped: list[str] = []
+    flat = is_flat_model([e.path for e in comp.entries], [e.path for e in comp.tensors()])
+    for e in comp.entries:
+        if not isinstance(e, TensorEntry):
+            ledger.append(LedgerEntry(e.key, "dropped", kind="object", origin=COMPANIONS,
+                                      reason=f"non-tensor entry ({e.type_name})"))
+            continue
+        role = classify(e.path, flat)
+        raw = role.name if role.kind == "model" else ".".join(str(p) for p in e.path[1:] or e.path)
+        name, _ = strip_wrappers(raw)
+        pt = model.get(name)
+        actions: list[dict[str, Any]] = []
+        if e.layout != "strided":
+            actions.append({"action": "densify", "rule": f"{e.layout} tensor written dense"})
+        reason = None
+        if pt is None:
+            reason = f"no parameter named {name!r} in the checkpoint"
+        elif pt.dropped:
+            reason = f"its parameter {name} was dropped"
+        elif tuple(e.shape) != pt.entry.shape:
+            reason = (f"shape {list(e.shape)} does not match its parameter {name} {list(pt.entry.shape)} "
+                      "(made for another model?)")
+        if reason:
+            skipped.append(e.key)
+            ledger.append(LedgerEntry(e.key, "dropped", actions=actions, reason=reason, dtype=e.dtype,
+                                      shape=list(e.shape), origin=COMPANIONS))
+            continue
+        names = []
+        changed = False
+        for part_name, ops_, part_actions in pt.outputs():
+            out.append(OutputTensor(part_name, e.key, e.dtype, list(O.out_shape(e.shape, ops_)), ops_, COMPANIONS))
+            names.append(part_name)
+            changed = changed or bool(ops_)
+            actions += [{**a, "rule": a.get("rule", "") + " (follows its parameter)"} for a in part_actions]
+        fate = "split" if len(names) > 1 else "reconciled" if changed else "written"
+        ledger.append(LedgerEntry(e.key, fate, names, actions, dtype=e.dtype, shape=list(e.shape), origin=COMPANIONS))
+    if skipped:
+        warnings.append(f"--companions: skipped {len(skipped)} side tensor(s) that do not fit the checkpoint: "
+                        + ", ".join(skipped[:20]) + (" ..." if len(skipped) > 20 else ""))
+    return out, ledger
 
 
 def _jsonable(v: Any) -> bool:

@@ -114,7 +114,12 @@ def _worker(rank: int, world_size: int, out: str, vocab: int, steps: int, rdzv: 
         for block in model.blocks:
             fully_shard(block)
         fully_shard(model)
-        optim = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+        scalars = [p for n, p in model.named_parameters() if n == "scalars"]
+        rest = [p for n, p in model.named_parameters() if n != "scalars"]
+        # two groups, as modded-nanogpt has: no weight decay on the scalars
+        optim = torch.optim.AdamW(
+            [{"params": rest, "weight_decay": 0.01}, {"params": scalars, "weight_decay": 0.0}], lr=1e-2
+        )
         gen = torch.Generator().manual_seed(1234 + rank)
         for _ in range(steps):
             tokens = torch.randint(0, vocab, (4, 16), generator=gen)

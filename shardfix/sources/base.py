@@ -46,6 +46,8 @@ class TensorEntry:
     shape: tuple[int, ...]
     chunks: tuple[Chunk, ...] = ()
     stride: tuple[int, ...] | None = None
+    #: "strided", or "sparse_coo" for sparse tensors (read back densified)
+    layout: str = "strided"
 
     @property
     def nbytes(self) -> int:

@@ -79,6 +79,9 @@ def load_torch_file(path: Path, trust_pickle: bool = False) -> tuple[Any, list[s
 def _flatten(obj: Any, path: tuple[PathPart, ...], out: list[TensorEntry | ObjectEntry]) -> None:
     if isinstance(obj, torch.Tensor):
         key = join_key(path)
+        if obj.layout == torch.sparse_coo:
+            out.append(TensorEntry(key, path, st_name(obj.dtype), tuple(obj.shape), (), None, "sparse_coo"))
+            return
         if obj.layout != torch.strided:
             out.append(ObjectEntry(key, path, None, f"tensor with layout {obj.layout}"))
             return
@@ -123,6 +126,8 @@ class TorchSaveSource:
             raise BadInputError(f"{self.path}: no tensor {key!r}") from None
         if not isinstance(value, torch.Tensor):
             raise BadInputError(f"{self.path}: {key!r} is not a tensor")
+        if value.layout == torch.sparse_coo:
+            return value.to_dense()
         return value
 
     def close(self) -> None:
