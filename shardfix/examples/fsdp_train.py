@@ -130,6 +130,8 @@ def _worker(rank: int, world_size: int, out: str, vocab: int, steps: int, rdzv: 
             optim.zero_grad()
         msd, osd = get_state_dict(model, optim)
         save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(out, "checkpoint"))
+        # the same state saved without collectives: one __{rank}.metadata per rank, no .metadata
+        save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(out, "checkpoint_nocoll"), use_collectives=False)
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         fmsd, fosd = get_state_dict(model, optim, options=full)
         if rank == 0:
@@ -143,7 +145,9 @@ def make_checkpoint(out: str | os.PathLike[str], world_size: int = 2, vocab: int
     """Train TinyLM with FSDP2 and save a DCP checkpoint to ``out/checkpoint``.
 
     Returns:
-        The checkpoint directory. ``out/reference.pt`` holds the full tensors.
+        The checkpoint directory. ``out/reference.pt`` holds the full tensors, and
+        ``out/checkpoint_nocoll`` the same state saved with ``use_collectives=False`` (per-rank
+        ``__N.metadata`` files instead of one ``.metadata``).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -134,7 +134,10 @@ class DcpSource:
                 raise BadInputError(f"{md_path}: not DCP metadata ({e})") from e
             for key, meta in items:
                 if key in sd_meta and hasattr(meta, "chunks"):
-                    chunk_lists[key].extend(meta.chunks)
+                    # per-rank saves list replicated tensors (buffers, step) once per rank: the
+                    # same box twice is a replica, not an overlap
+                    known = {(tuple(c.offsets), tuple(c.sizes)) for c in chunk_lists[key]}
+                    chunk_lists[key].extend(c for c in meta.chunks if (tuple(c.offsets), tuple(c.sizes)) not in known)
                 else:
                     sd_meta[key] = meta
                     if hasattr(meta, "chunks"):
