@@ -43,3 +43,37 @@ def test_chunks_are_placed_by_offsets_not_rank_order(fsdp_ckpt: Path, reference:
     # reading the chunks in reverse order must give the same tensor: placement is by offsets
     entry.chunks = tuple(reversed(entry.chunks))
     assert bits_equal(src.read_tensor("model.router.weight"), reference["model"]["router.weight"])
+
+
+def _tensors() -> dict:
+    import torch
+
+    g = torch.Generator().manual_seed(5)
+    return {"w": torch.randn(64, 8, generator=g), "b": torch.randn(8, generator=g).to(torch.bfloat16),
+            "step": torch.tensor(3.0)}
+
+
+def test_zstd_compressed_records(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint._extension import ZStandard
+
+    sd = {"model": {**_tensors(), "t": _tensors()["w"].t()}}
+    dcp.save(sd, storage_writer=FileSystemWriter(tmp_path / "z", _extensions=[ZStandard()]), no_dist=True)
+    src = open_source(tmp_path / "z")
+    assert all(c.transforms for e in src.index.tensors() for c in e.chunks)
+    for name, want in sd["model"].items():
+        assert bits_equal(src.read_tensor(f"model.{name}"), want), name
+
+
+def test_safetensors_serialized_distcp(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import SerializationFormat
+
+    sd = {"model": _tensors()}
+    writer = FileSystemWriter(tmp_path / "s", serialization_format=SerializationFormat.SAFETENSORS)
+    dcp.save(sd, storage_writer=writer, no_dist=True)
+    src = open_source(tmp_path / "s")
+    for name, want in sd["model"].items():
+        assert bits_equal(src.read_tensor(f"model.{name}"), want), name
