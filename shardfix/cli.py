@@ -191,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     except ShardfixError as e:
         print(f"shardfix: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # the reader (e.g. `| head`) stopped reading: not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("shardfix: interrupted; rerun convert with --resume to finish", file=sys.stderr)
         return 130
