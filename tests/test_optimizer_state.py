@@ -332,3 +332,108 @@ def test_partial_optimizer_writes_named_slices_with_row_ranges(distadam: dict, t
     fresh.lm_head = nn.Linear(D, 40, bias=False)
     result = load_optimizer_state(torch.optim.Adam(fresh.parameters()), fresh, out)
     assert not result.loaded and len(result.partial) == 15 and len(result.missing) == 5
+
+
+# -- a real FSDP2 DCP checkpoint (FQN keyed) --------------------------------------------------------
+
+
+def test_fsdp2_dcp_optimizer_round_trips(fsdp_ckpt: Path, reference: dict, tmp_path: Path) -> None:
+    from shardfix.examples.fsdp_train import TinyLM, build_model
+
+    out = tmp_path / "out"
+    report = convert(fsdp_ckpt, out, ConvertOptions(vocab_size=1000, progress=False))
+    assert report["status"] == "complete"
+    vocab_rows = {"embed.weight", "lm_head.weight"}
+
+    # the training run's optimizer, unsharded: the reference state on a model with the padded vocab
+    orig = build_model(1000, world_size=2)
+    orig.load_state_dict(reference["model"], strict=True)
+    orig_opt = torch.optim.AdamW(orig.parameters(), lr=1e-2, weight_decay=0.01)
+    ids = {n: i for i, (n, _) in enumerate(orig.named_parameters())}
+    group = {**reference["optim"]["param_groups"][0], "params": list(ids.values())}
+    orig_opt.load_state_dict({"state": {ids[n]: st for n, st in reference["optim"]["state"].items()},
+                              "param_groups": [group]})
+
+    # fine-tuning: a model with the true vocab, weights and moments from the converted output
+    new = TinyLM(vocab=1000, world_size=2, pad_vocab=False)
+    new.blocks[1].to(torch.bfloat16)
+    new.load_state_dict(load_file(out / "model.safetensors"), strict=True)
+    opt = torch.optim.AdamW(new.parameters(), lr=1e-2, weight_decay=0.01)
+    result = load_optimizer_state(opt, new, out)
+    assert result.ok and sorted(result.loaded) == sorted(ids)
+    params = dict(new.named_parameters())
+    for name, st in reference["optim"]["state"].items():
+        for k, v in st.items():
+            want = v[:1000] if name in vocab_rows and v.dim() else v
+            assert bits_equal(opt.state[params[name]][k], want), (name, k)
+
+    gen = torch.Generator().manual_seed(7)
+    for name, p in orig.named_parameters():
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        params[name].grad = p.grad[:1000].clone() if name in vocab_rows else p.grad.clone()
+    orig_opt.step()
+    opt.step()
+    for name, p in orig.named_parameters():
+        want = p.detach()[:1000] if name in vocab_rows else p.detach()
+        assert bits_equal(params[name].detach(), want), name
+
+
+# -- per-rank torch.save files --------------------------------------------------------------------
+
+
+def _per_rank_files(dirname: Path, distadam: dict, ranks: range, ws: int = WS, name: str = "ckpt_rank{r}.pt") -> dict:
+    """Rank r's file of a DistAdam run in which every rank saves: rows r*n/ws.. of each moment.
+
+    Built, like the ``distadam`` fixture, from a real Adam's full moments (DistAdam's per-rank
+    update is elementwise on its rows); the model is saved by rank 0 only.
+    """
+    torch.manual_seed(0)
+    model = nn.Module()
+    model._orig_mod = NanoLike()
+    adam = torch.optim.Adam(model.parameters(), lr=0.01)
+    tokens = torch.randint(0, V, (2, 8))
+    nn.functional.cross_entropy(model._orig_mod(tokens).flatten(0, 1), tokens.flatten()).backward()
+    adam.step()
+    full = adam.state_dict()
+    dirname.mkdir()
+    for r in ranks:
+        sd = {"state": {}, "param_groups": full["param_groups"]}
+        for i, st in full["state"].items():
+            n = st["exp_avg"].shape[0] // ws
+            sd["state"][i] = {"step": st["step"], **{k: st[k][r * n:(r + 1) * n].clone() for k in ("exp_avg", "exp_avg_sq")}}
+        doc = {"step": 1, "world_size": ws, "optimizers": [sd]}
+        if r == 0:
+            doc["model"] = model.state_dict()
+        torch.save(doc, dirname / name.format(r=r))
+    return {"model": model, "adam": adam, "full": full}
+
+
+def test_per_rank_files_assemble_sharded_moments(distadam: dict, tmp_path: Path) -> None:
+    from shardfix.reconcile.keys import OPTIM_CONTAINERS
+    from shardfix.sources import detect_format, torchranks
+
+    assert torchranks._OPTIM == OPTIM_CONTAINERS
+    run = _per_rank_files(tmp_path / "ckpt", distadam, range(WS))
+    assert detect_format(tmp_path / "ckpt") == "torch-ranks"
+    report = convert(tmp_path / "ckpt", tmp_path / "out", ConvertOptions(progress=False))
+    assert report["status"] == "complete" and not [w for w in report["warnings"] if "optimizer" in w]
+    fresh = NanoLike()
+    fresh.load_state_dict(load_file(tmp_path / "out" / "model.safetensors"), strict=True)
+    opt = torch.optim.Adam(fresh.parameters(), lr=0.01)
+    result = load_optimizer_state(opt, fresh, tmp_path / "out")
+    assert result.ok and len(result.loaded) == 5
+    fp = dict(fresh.named_parameters())
+    for name, p in run["model"]._orig_mod.named_parameters():
+        for k, v in run["adam"].state[run["model"].get_parameter("_orig_mod." + name)].items():
+            assert bits_equal(opt.state[fp[name]][k], v), (name, k)
+    entry = next(e for e in report["ledger"] if e["source"] == "optimizers.0.state.0.exp_avg")
+    assert entry["fate"] == "written" and entry["shape"][0] == run["full"]["state"][0]["exp_avg"].shape[0]
+
+
+def test_per_rank_files_with_a_missing_rank_are_refused(distadam: dict, tmp_path: Path) -> None:
+    _per_rank_files(tmp_path / "ckpt", distadam, [0, 1, 3], ws=4, name="rank_{r}.pt")
+    r = run_cli("plan", tmp_path / "ckpt")
+    assert r.code == 2 and "rank file(s) [2] are missing" in r.err and "rank_0.pt on its own" in r.err
+    (tmp_path / "ckpt" / "rank_3.pt").unlink()  # ranks 0, 1 of 4: the recorded world size tells
+    r = run_cli("plan", tmp_path / "ckpt")
+    assert r.code == 2 and "world_size 4" in r.err
