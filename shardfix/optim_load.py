@@ -22,12 +22,12 @@ import torch
 from safetensors import safe_open
 
 from shardfix.errors import BadInputError
+from shardfix.execute import PARAM_GROUPS_NAME
+from shardfix.plan import OPTIMIZER, PARTIAL_ROWS_KEY
 from shardfix.reconcile.keys import strip_wrappers
+from shardfix.report import REPORT_NAME
 
-PARAM_GROUPS_NAME = "optimizer_param_groups.json"
-INDEX_NAME = "optimizer.safetensors.index.json"
-#: safetensors metadata key that lists partial (one rank's rows) slices; see ``plan.PARTIAL_ROWS_KEY``.
-PARTIAL_ROWS_KEY = "shardfix.partial_rows"
+INDEX_NAME = f"{OPTIMIZER}.safetensors.index.json"
 _PARTIAL_NAME = re.compile(r"\.rows_\d+_\d+$")
 #: keys of a saved param group that are bookkeeping, not hyperparameters.
 _NOT_HYPER = frozenset({"optimizer", "group", "params", "param_names"})
@@ -179,7 +179,7 @@ def _optimizer_files(path: Path) -> tuple[Path, list[Path]]:
             raise BadInputError(f"{index}: not a safetensors index ({e})") from e
         files = [path / f for f in sorted(set(weight_map.values()))]
     else:
-        files = sorted(path.glob("optimizer*.safetensors"))
+        files = sorted(path.glob(f"{OPTIMIZER}*.safetensors"))
     if not files:
         why = _report_warning(path)
         raise BadInputError(
@@ -194,7 +194,7 @@ def _optimizer_files(path: Path) -> tuple[Path, list[Path]]:
 
 def _report_warning(path: Path) -> str | None:
     try:
-        report = json.loads((path / "shardfix-report.json").read_text())
+        report = json.loads((path / REPORT_NAME).read_text())
     except (OSError, ValueError):
         return None
     for w in report.get("warnings", []):

@@ -440,7 +440,7 @@ def _plan_optimizer(
             problems.append(split)
         else:
             names_file = [[strip_wrappers(n)[0] for n in names] for names in split]
-    plan = _OptimPlan(model, opts, ledger)
+    plan = _OptimPlan(model, opts, ledger, warnings)
     param_groups: list[dict[str, Any]] = []
     for k, opt in enumerate(optimizers):
         label = f"optimizer {opt}" if len(optimizers) > 1 else "the optimizer"
@@ -527,6 +527,7 @@ class _OptimPlan:
     model: dict[str, _ModelTensor]
     opts: ConvertOptions
     ledger: dict[str, LedgerEntry]
+    warnings: list[str]
     out: list[OutputTensor] = field(default_factory=list)
     partial: dict[str, dict[str, Any]] = field(default_factory=dict)
     partial_seen: list[tuple[str, str]] = field(default_factory=list)
@@ -564,6 +565,8 @@ class _OptimPlan:
                 self._write(e, ref, pname, sname, method, pt, cut=cut, rows=rows.get(sname))
             return
         first = next(iter(odd.values())) if odd else f"incomplete: {next(iter(rows.values())).describe()}"
+        if odd:
+            self.warnings.append(f"{pname}: optimizer state {first}; none of its state is written")
         for sname, e in sd.items():
             if sname in odd:
                 reason = odd[sname] + "; not written"

@@ -437,3 +437,28 @@ def test_per_rank_files_with_a_missing_rank_are_refused(distadam: dict, tmp_path
     (tmp_path / "ckpt" / "rank_3.pt").unlink()  # ranks 0, 1 of 4: the recorded world size tells
     r = run_cli("plan", tmp_path / "ckpt")
     assert r.code == 2 and "world_size 4" in r.err
+
+
+def test_tensors_in_param_groups_and_odd_states_are_dropped_with_reasons(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    opt = torch.optim.Adam(list(model.named_parameters()), lr=torch.tensor(0.01))
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    sd = opt.state_dict()
+    sd["param_groups"][0]["ema_buffer"] = torch.zeros(4)  # an optimizer that keeps a buffer in its group
+    sd["state"][1]["exp_avg_sq"] = torch.zeros(4, 1)  # a factored state, not the parameter's shape
+    torch.save({"model": model.state_dict(), "optimizer": sd}, tmp_path / "ckpt.pt")
+    report = convert(tmp_path / "ckpt.pt", tmp_path / "out", ConvertOptions(progress=False))
+    ledger = {e["source"]: e for e in report["ledger"]}
+    for key in ("optimizer.param_groups.0.lr", "optimizer.param_groups.0.ema_buffer"):
+        assert ledger[key]["fate"] == "dropped" and "inside param group 0" in ledger[key]["reason"]
+        assert any(w.startswith(key) for w in report["warnings"])
+    assert "differently shaped state" in ledger["optimizer.state.1.exp_avg_sq"]["reason"]
+    assert ledger["optimizer.state.1.exp_avg"]["fate"] == "dropped"  # never half a parameter's state
+    assert any(w.startswith("0.bias: optimizer state shape [4, 1]") for w in report["warnings"])
+    written = load_file(tmp_path / "out" / "optimizer.safetensors")
+    assert sorted(written) == ["state.0.weight.exp_avg", "state.0.weight.exp_avg_sq", "state.0.weight.step",
+                               "state.1.bias.exp_avg", "state.1.bias.exp_avg_sq", "state.1.bias.step",
+                               "state.1.weight.exp_avg", "state.1.weight.exp_avg_sq", "state.1.weight.step"]
+    assert bits_equal(written["state.0.weight.exp_avg"], opt.state[model[0].weight]["exp_avg"])
