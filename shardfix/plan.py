@@ -512,7 +512,7 @@ def _optimizer_ids(gdict: dict[int, dict[str, Any]], st: dict[Any, Any]) -> list
 
 
 def _names_for(names_file: list[list[str]] | None, k: int, refs: list[tuple[Any, Any]]) -> list[str] | None:
-    """The ``--param-names`` of optimizer ``k``, padded with nothing for ids outside the groups."""
+    """The ``--param-names`` of optimizer ``k``, plus a placeholder (no model name) per id outside the groups."""
     if names_file is None:
         return None
     names = names_file[k]

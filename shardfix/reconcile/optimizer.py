@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,13 +125,17 @@ def names_per_optimizer(names: list[str] | list[list[str]], counts: list[int]) -
 
 
 Shape = tuple[int, ...]
+#: Whether a state shape fits a parameter shape.
+Fits = Callable[[Shape, Shape], bool]
 
 
 def _exact(w: Shape, h: Shape) -> bool:
     return w == h
 
 
-def _slice_of(ws: int):  # noqa: ANN202 - a shape predicate
+def _slice_of(ws: int) -> Fits:
+    """Fits the parameter itself or its rows ``0..n/ws-1`` (one rank's slice)."""
+
     def fits(w: Shape, h: Shape) -> bool:
         return w == h or (len(w) == len(h) and len(w) > 0 and w[1:] == h[1:] and w[0] * ws == h[0])
 
@@ -138,7 +143,7 @@ def _slice_of(ws: int):  # noqa: ANN202 - a shape predicate
 
 
 def _count_embeddings(
-    want: list[tuple[int, ...] | None], have: list[tuple[int, ...]], limit: int = 2, fits=_exact,  # noqa: ANN001
+    want: list[Shape | None], have: list[Shape], limit: int = 2, fits: Fits = _exact,
 ) -> int:
     """How many order-preserving ways ``want`` fits into ``have`` (capped at ``limit``)."""
     n, m = len(want), len(have)
@@ -156,7 +161,7 @@ def _count_embeddings(
 
 
 def _first_embedding(
-    want: list[tuple[int, ...] | None], have: list[tuple[int, ...]], fits=_exact,  # noqa: ANN001
+    want: list[Shape | None], have: list[Shape], fits: Fits = _exact,
 ) -> list[int]:
     out, j = [], 0
     for w in want:
@@ -212,7 +217,7 @@ def map_ids(
         if not bad:
             return IdMapping({i: n for i, (n, _) in zip(ids, candidates, strict=True)},
                              f"shape match in order against {len(have)} model parameters{among}")
-    attempts: list[tuple[Any, str]] = [(_exact, "")]
+    attempts: list[tuple[Fits, str]] = [(_exact, "")]
     attempts += [(_slice_of(ws), f" of 1/{ws} row slices (a world-size-{ws} sharded state)")
                  for ws in _world_sizes(want, have)]
     for fits, how in attempts:
@@ -251,7 +256,7 @@ def _world_sizes(want: list[Shape | None], have: list[Shape], limit: int = 3) ->
     return sorted(counts, key=lambda ws: (-counts[ws], ws))[:limit]
 
 
-def _ambiguous(ids: list[Any], want: list[Shape | None], candidates: list[tuple[str, Shape]], fits: Any) -> str:
+def _ambiguous(ids: list[Any], want: list[Shape | None], candidates: list[tuple[str, Shape]], fits: Fits) -> str:
     """Name the states that fit more than one parameter in some order-preserving match."""
     n, m = len(want), len(candidates)
     have = [s for _, s in candidates]
