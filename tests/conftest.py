@@ -51,9 +51,13 @@ def fsdp_ckpt(fsdp_run: Path) -> Path:
     return fsdp_run / "checkpoint"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture()
 def reference(fsdp_run: Path) -> dict:
-    """What the training process held: full model state dict and full optimizer state dict."""
+    """What the training process held: full model state dict and full optimizer state dict.
+
+    Loaded afresh for each test: a test that loads it into an optimizer and steps would
+    otherwise change the shared tensors (``step`` is updated in place).
+    """
     return torch.load(fsdp_run / "reference.pt", weights_only=True)
 
 
