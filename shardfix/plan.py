@@ -627,7 +627,7 @@ class _OptimPlan:
         elif _scalar_state(e, sname):
             outs = [(n, [], []) for n, _, _ in pt.outputs()]  # copied to every part
         else:
-            outs = pt.outputs()
+            outs = [(n, _state_ops(ops_), a) for n, ops_, a in pt.outputs()]
         names = []
         changed = False
         for part_name, ops_, part_actions in outs:
@@ -739,6 +739,15 @@ def _plan_companions(
         warnings.append(f"--companions: skipped {len(skipped)} side tensor(s) that do not fit the checkpoint: "
                         + ", ".join(skipped[:20]) + (" ..." if len(skipped) > 20 else ""))
     return out, ledger
+
+
+def _state_ops(ops_: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A parameter's ops as they apply to its optimizer state: grown rows start with zero moments.
+
+    New vocab rows of the parameter are initialised from the mean of the others (``--grow-init``),
+    but their optimizer state must be fresh: no gradient history.
+    """
+    return [{**op, "fill": "zeros"} if op["op"] == "grow" else op for op in ops_]
 
 
 def _jsonable(v: Any) -> bool:
