@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="re-read an output directory and check it against its report")
     p.add_argument("out")
     p.add_argument("--against", help="also recompute every tensor from this source")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow full unpickling of the --against source (runs code in it; never read from the report)")
     p.add_argument("--json", action="store_true")
     return parser
 
@@ -144,7 +146,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from shardfix.verify import verify_output
 
-    problems, stats = verify_output(args.out, args.against)
+    problems, stats = verify_output(args.out, args.against, trust_pickle=args.trust_pickle)
     if args.json:
         print(json.dumps({"ok": not problems, "problems": problems, **stats}, indent=2))
     else:
