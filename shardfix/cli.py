@@ -106,6 +106,14 @@ def _options(args: argparse.Namespace) -> ConvertOptions:
     return ConvertOptions(**kw)
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if chr(c) not in "\n\t"}
+
+
+def printable(text: str) -> str:
+    """Escape control characters (a crafted key or global name must not drive the terminal)."""
+    return text.translate(_CONTROL)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from shardfix.api import load_index
     from shardfix.inspect import format_inspection, inspect_index
@@ -151,7 +159,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(json.dumps({"ok": not problems, "problems": problems, **stats}, indent=2))
     else:
         for p in problems:
-            print(f"problem: {p}")
+            print(f"problem: {printable(p)}")
         verdict = "OK" if not problems else f"{len(problems)} problem(s)"
         print(f"verify {args.out}: {verdict} ({stats['files']} files, {stats['tensors']} tensors, "
               f"{stats['bytes']:,} bytes re-read" + (", compared with the source" if args.against else "") + ")")
@@ -171,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except ShardfixError as e:
-        print(f"shardfix: error: {e}", file=sys.stderr)
+        print(f"shardfix: error: {printable(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("shardfix: interrupted; rerun convert with --resume to finish", file=sys.stderr)
@@ -179,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # an internal failure: exit 1, traceback only when asked
         if args.verbose or os.environ.get("SHARDFIX_DEBUG"):
             raise
-        print(f"shardfix: internal error: {type(e).__name__}: {e} (rerun with -v for the traceback; "
+        print(f"shardfix: internal error: {type(e).__name__}: {printable(str(e))} (rerun with -v for the traceback; "
               "please report it)", file=sys.stderr)
         return 1
 

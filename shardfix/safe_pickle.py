@@ -14,8 +14,9 @@ hands out a shared object with writable attributes:
 * each metadata dataclass is looked up as a private subclass made for this one load
   (``NEWOBJ`` needs a real class; writing to the subclass touches nothing else);
 * everything that is only ever called (``Enum`` lookups, ``pathlib`` paths, ``OrderedDict``,
-  ``torch.Size``, ``_get_layout``) is a private function that returns a fresh or immutable
-  object (a memory-format code is returned as a plain ``int``, never the shared enum member);
+  ``torch.Size``, ``_get_layout``) is a function made for this one load that returns a fresh or
+  immutable object (a memory-format code is returned as a plain ``int``, never the shared enum
+  member);
 * ``torch`` dtypes and layouts are immutable singletons.
 """
 
@@ -113,7 +114,7 @@ class _AllowlistUnpickler(pickle.Unpickler):
     def __init__(self, file: io.BufferedIOBase, origin: str) -> None:
         super().__init__(file)
         self._origin = origin
-        self._private: dict[tuple[str, str], type] = {}
+        self._private: dict[tuple[str, str], Any] = {}
 
     def _refuse(self, module: str, name: str) -> UnsafeInputError:
         return UnsafeInputError(
@@ -127,7 +128,7 @@ class _AllowlistUnpickler(pickle.Unpickler):
             raise self._refuse(str(module), str(name))
         fn = _CALLABLES.get((module, name))
         if fn is not None:
-            return fn
+            return self._private_function(module, name, fn)
         if module == "torch":
             value = vars(torch).get(name)
             if isinstance(value, (torch.dtype, torch.layout)):
@@ -136,6 +137,15 @@ class _AllowlistUnpickler(pickle.Unpickler):
         if name in _CLASSES.get(module, ()):
             return self._private_class(module, name)
         raise self._refuse(module, name)
+
+    def _private_function(self, module: str, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        wrapper = self._private.get((module, name))
+        if wrapper is None:
+            def wrapper(*args: Any) -> Any:
+                return fn(*args)
+
+            self._private[(module, name)] = wrapper
+        return wrapper
 
     def _private_class(self, module: str, name: str) -> type:
         cls = self._private.get((module, name))
