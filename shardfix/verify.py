@@ -26,7 +26,7 @@ import xxhash
 from shardfix.dtypes import itemsize, numel
 from shardfix.errors import BadInputError, ShardfixError
 from shardfix.report import REPORT_NAME
-from shardfix.safetensors_io import TensorSpec, build_header
+from shardfix.safetensors_io import TensorSpec, build_header, tensor_bytes
 
 STAGING = ".shardfix-staging"
 PARAM_GROUPS_NAME = "optimizer_param_groups.json"
@@ -366,7 +366,7 @@ class _Recompute:
             problems.append(f"ledger: names {key}, which {against} does not hold (is this the right source?)")
 
     def compare(self, path: Path, t: dict[str, Any], data: bytearray) -> None:
-        import torch
+        import numpy as np
 
         from shardfix.dtypes import torch_dtype
         from shardfix.reconcile.ops import apply_ops
@@ -387,15 +387,16 @@ class _Recompute:
                                  f"({type(e).__name__}: {e})")
             return
         self.compared += 1
-        want = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
         if expect.dtype != torch_dtype(t["dtype"]) or list(expect.shape) != t["shape"]:
             self.problems.append(f"{path}: tensor {name}: recomputing it from {t['source']} gives "
                                  f"{expect.dtype} {list(expect.shape)}, the file holds {t['dtype']} {t['shape']}")
             return
-        got = expect.reshape(-1).view(torch.uint8) if expect.numel() else torch.empty(0, dtype=torch.uint8)
-        if not torch.equal(got, want):
-            diff = (got != want).nonzero()
-            first = int(diff[0]) // max(expect.element_size(), 1)
+        want = tensor_bytes(expect)
+        if want != memoryview(data):
+            a = np.frombuffer(want, dtype=np.uint8)
+            b = np.frombuffer(data, dtype=np.uint8)
+            diff = np.flatnonzero(a != b) if len(a) == len(b) else np.arange(min(len(a), len(b)))
+            first = int(diff[0]) // max(expect.element_size(), 1) if len(diff) else 0
             self.problems.append(f"{path}: tensor {name}: differs from {t['source']} in the source after the "
                                  f"recorded ops ({len(diff)} bytes differ; first at element {first})")
 

@@ -8,7 +8,6 @@ import random
 import shutil
 import struct
 from pathlib import Path
-from typing import Any
 
 import pytest
 import xxhash

@@ -136,9 +136,12 @@ def check_zip_record(data: bytes | bytearray | memoryview, origin: Path | str, k
     buf = memoryview(data).cast("B")
     try:
         _check(buf)
+        return
     except (_Bad, struct.error, ValueError) as e:
         msg = str(e) if isinstance(e, _Bad) else f"its zip structure is corrupt ({e})"
-        raise IncompleteSourceError(
-            f"{origin}: the record for {key} ({len(buf)} bytes) is damaged: {msg}; copy the file again "
-            "from the machine that saved it"
-        ) from None
+    # raised outside the except block: a frame holding both ``e`` and views of ``data`` would be
+    # a reference cycle, and the collector may then free the buffer before its views
+    raise IncompleteSourceError(
+        f"{origin}: the record for {key} ({len(buf)} bytes) is damaged: {msg}; copy the file again "
+        "from the machine that saved it"
+    )
