@@ -173,7 +173,7 @@ def _f64_router(md: Any) -> None:  # the records hold fp32: too few bytes for fp
         (_grow_router, f"{ROUTER}: the chunks cover 4192 of 4224 elements of shape [132, 32]"),
         (_overlap_router, f"{ROUTER}: chunks at offsets [0, 0] and [65, 0] overlap"),
         (_outside_router, f"{ROUTER}: chunk at offsets [66, 0] sizes [66, 32] lies outside"),
-        (_f64_router, f"the record for {ROUTER} at [0, 0] has"),
+        (_f64_router, f"record for {ROUTER} at [0, 0] holds torch.float32 [66, 32] but the metadata says torch.float64"),
     ],
     ids=["gap", "overlap", "out-of-bounds", "dtype-size"],
 )

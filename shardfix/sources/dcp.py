@@ -186,7 +186,7 @@ class DcpSource:
                         )
                     chunks.append(self._chunk(key, offs, sizes, info, files))
                 _check_tiling(key, shape, chunks)
-                self._check_record_sizes(key, dtype, chunks)
+                self._check_record_sizes(key, dtype, shape, chunks)
                 entries.append(TensorEntry(key, path, dtype, shape, tuple(chunks)))
             else:
                 info = storage.get((key, None))
@@ -252,17 +252,17 @@ class DcpSource:
         return [f"bytes entries that only full unpickling can read were refused and not loaded (it would run code "
                 f"stored in the checkpoint): {keys}; rerun with --trust-pickle only if you trust this checkpoint"]
 
-    def _check_record_sizes(self, key: str, dtype: str, chunks: list[Chunk]) -> None:
-        """An uncompressed torch.save record holds at least its box's bytes: catch size mismatches early."""
+    def _check_record_sizes(self, key: str, dtype: str, shape: tuple[int, ...], chunks: list[Chunk]) -> None:
+        """Decode now any record smaller than its box, so a size or dtype mismatch fails before writing.
+
+        An uncompressed record holds at least its box's bytes unless the tensor was saved as an
+        expanded (stride-0) view; decoding the (small) record tells the two apart exactly.
+        """
         for c in chunks:
-            if c.file is None or c.transforms or not c.numel:
+            if c.file is None or c.transforms or not c.numel or c.length >= c.numel * itemsize(dtype):
                 continue
-            need = c.numel * itemsize(dtype)
-            if c.length < need and self._safetensors_header(c.file) is None:
-                raise IncompleteSourceError(
-                    f"{self.path / c.file}: the record for {key} at {list(c.offsets)} has {c.length} bytes, but the "
-                    f"metadata's {dtype} box {list(c.sizes)} needs {need}; the metadata and the data disagree"
-                )
+            if self._safetensors_header(c.file) is None:
+                self.read_chunk(TensorEntry(key, (key,), dtype, shape, tuple(chunks)), c)
 
     # -- reading ----------------------------------------------------------------------
 
