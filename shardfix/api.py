@@ -26,9 +26,17 @@ def load_index(src: str | Path, opts: ConvertOptions | None = None) -> SourceInd
     trust = bool(opts and opts.trust_pickle)
     source = open_source(src, trust_pickle=trust)
     try:
-        return source.index
+        index = source.index
     finally:
         source.close()
+    for note in pickle_warnings(index):
+        log.warning("warning: %s", note)
+    return index
+
+
+def pickle_warnings(index: SourceIndex) -> list[str]:
+    """Notes saying that full unpickling was used (--trust-pickle) or refused for some entries."""
+    return [n for n in index.notes if n.startswith("--trust-pickle:") or "only full unpickling can read" in n]
 
 
 def plan_conversion(src: str | Path, opts: ConvertOptions | None = None) -> Plan:
@@ -39,6 +47,7 @@ def plan_conversion(src: str | Path, opts: ConvertOptions | None = None) -> Plan
     companions = load_index(opts.companions) if opts.companions else None
     t1 = time.perf_counter()
     plan = build_plan(index, opts, merge_targets(opts), companions)
+    plan.warnings.extend(pickle_warnings(index))
     plan.findings["timings"] = {"index": round(t1 - t0, 4), "plan": round(time.perf_counter() - t1, 4)}
     log.debug("indexed %s in %.2fs, planned in %.2fs", src, t1 - t0, time.perf_counter() - t1)
     return plan

@@ -67,6 +67,4 @@ def open_source(path: str | Path, format: str | None = None, *, trust_pickle: bo
     name = format or detect_format(path)
     if name not in FORMATS:
         raise BadInputError(f"unknown source format {name!r}; known: {', '.join(FORMATS)}")
-    if name in (torchsave.NAME, torchranks.NAME):
-        return FORMATS[name].open(Path(path), trust_pickle=trust_pickle)
-    return FORMATS[name].open(Path(path))
+    return FORMATS[name].open(Path(path), trust_pickle=trust_pickle)
