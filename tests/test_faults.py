@@ -25,7 +25,6 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ROOT, bits_equal
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from shardfix.api import convert
@@ -34,6 +33,7 @@ from shardfix.options import ConvertOptions
 from shardfix.report import REPORT_NAME
 from shardfix.sources.dcp import DcpSource
 from shardfix.verify import verify_output
+from tests.conftest import ROOT, bits_equal
 
 VOCAB = ["--vocab-size", "1000"]
 ROUTER = "model.router.weight"

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import bits_equal
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch.distributed.checkpoint.filesystem import _StorageInfo
@@ -36,6 +35,7 @@ from shardfix.sources.base import Chunk
 from shardfix.sources.dcp import DcpSource, _check_tiling
 from shardfix.sources.records import decode_record
 from shardfix.verify import verify_output
+from tests.conftest import bits_equal
 
 DTYPES = ["F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "I64", "I32", "I16", "I8", "U8", "BOOL", "C64"]
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,

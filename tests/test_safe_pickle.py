@@ -11,11 +11,9 @@ import pickle
 import shutil
 from pathlib import Path
 
-import crafted
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from conftest import ROOT, run_cli
 from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING, Metadata, TensorStorageMetadata
 from torch.serialization import _get_layout
 
@@ -24,6 +22,8 @@ from shardfix.safe_pickle import MAX_METADATA_BYTES, load_metadata_pickle, loads
 from shardfix.sources.dcp import DcpSource
 from shardfix.sources.records import decode_record
 from shardfix.sources.torchsave import load_torch_file
+from tests import crafted
+from tests.conftest import ROOT, run_cli
 
 
 @pytest.fixture
