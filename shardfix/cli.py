@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="re-read an output directory and check it against its report")
     p.add_argument("out")
     p.add_argument("--against", help="also recompute every tensor from this source")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow full unpickling of the --against source (runs code in it; never read from the report)")
     p.add_argument("--json", action="store_true")
     return parser
 
@@ -104,6 +106,14 @@ def _options(args: argparse.Namespace) -> ConvertOptions:
     names = set(ConvertOptions.field_names())
     kw: dict[str, Any] = {k: v for k, v in vars(args).items() if k in names and v is not None}
     return ConvertOptions(**kw)
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if chr(c) not in "\n\t"}
+
+
+def printable(text: str) -> str:
+    """Escape control characters (a crafted key or global name must not drive the terminal)."""
+    return text.translate(_CONTROL)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -166,12 +176,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from shardfix.verify import verify_output
 
-    problems, stats = verify_output(args.out, args.against)
+    problems, stats = verify_output(args.out, args.against, trust_pickle=args.trust_pickle)
     if args.json:
         print(json.dumps({"ok": not problems, "problems": problems, **stats}, indent=2))
     else:
         for p in problems:
-            print(f"problem: {p}")
+            print(f"problem: {printable(p)}")
         verdict = "OK" if not problems else f"{len(problems)} problem(s)"
         print(f"verify {args.out}: {verdict} ({stats['files']} files, {stats['tensors']} tensors, "
               f"{stats['bytes']:,} bytes re-read" + (", compared with the source" if args.against else "") + ")")
@@ -191,15 +201,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except ShardfixError as e:
-        print(f"shardfix: error: {e}", file=sys.stderr)
+        print(f"shardfix: error: {printable(str(e))}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # the reader (e.g. `| head`) stopped reading: not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("shardfix: interrupted; rerun convert with --resume to finish", file=sys.stderr)
         return 130
     except Exception as e:  # an internal failure: exit 1, traceback only when asked
         if args.verbose or os.environ.get("SHARDFIX_DEBUG"):
             raise
-        print(f"shardfix: internal error: {type(e).__name__}: {e} (rerun with -v for the traceback; "
+        print(f"shardfix: internal error: {type(e).__name__}: {printable(str(e))} (rerun with -v for the traceback; "
               "please report it)", file=sys.stderr)
         return 1
 

@@ -50,6 +50,13 @@ def _open_cached(path: str, fmt: str, trust_pickle: bool) -> Any:
     return src
 
 
+def drop_cached_sources() -> None:
+    """Close the sources tasks of this process opened (the next task reopens them)."""
+    for s in _SOURCES.values():
+        s.close()
+    _SOURCES.clear()
+
+
 def file_from_dict(d: dict[str, Any]) -> OutputFile:
     return OutputFile(d["name"], d["set"], [OutputTensor(**t) for t in d["tensors"]], d.get("metadata", {}))
 
@@ -266,6 +273,7 @@ def execute(plan: Plan, out: Path, opts: Any) -> tuple[list[dict[str, Any]], dic
     The caller writes the report (also on failure).
     """
     check_device(opts.device)
+    drop_cached_sources()  # a source opened by an earlier run in this process may have changed since
     staging = out / STAGING
     staging.mkdir(exist_ok=True)
     kind, why = choose_executor(plan, opts.executor, opts.workers, opts.ray_address)

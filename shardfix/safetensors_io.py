@@ -8,6 +8,7 @@ they are written (xxh3), and the file is written under a temporary name, fsynced
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from dataclasses import dataclass, field
@@ -53,6 +54,8 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     flat = t.reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
+    if flat.stride(0) != 1:  # a 1-element view counts as contiguous but may keep its parent's stride
+        flat = flat.clone(memory_format=torch.contiguous_format)
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
@@ -102,19 +105,22 @@ class StreamingWriter:
             try:
                 os.posix_fallocate(self._fd, 0, total) if total else None
             except OSError as e:
-                if e.errno == 28:
+                if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                     raise
         except OSError as e:
             self._cleanup()
-            raise OutputError(f"{path}: cannot write ({e.strerror}); free space or pick another directory") from e
+            raise OutputError(f"{path}: cannot write {len(header) + sum(s.nbytes for s in specs):,} bytes "
+                              f"({e.strerror}); free space (or raise the quota or file-size limit) and rerun with "
+                              "--resume") from e
         self._bytes = 0
         self._emit(memoryview(header))
 
-    def _emit(self, data: memoryview) -> None:
+    def _emit(self, data: memoryview, what: str = "the header") -> None:
         try:
             _write_all(self._fd, data)
         except OSError as e:
-            raise OutputError(f"{self.path}: write failed ({e.strerror}); free space and rerun with --resume") from e
+            raise OutputError(f"{self.path}: write failed at {what} ({e.strerror}); free space and rerun with "
+                              "--resume") from e
         self._file_hash.update(data)
         self._bytes += len(data)
 
@@ -127,7 +133,7 @@ class StreamingWriter:
                 f"planned {spec.name} {spec.dtype} {list(spec.shape)}"
             )
         data = tensor_bytes(t.contiguous())
-        self._emit(data)
+        self._emit(data, f"tensor {name}")
         wt = WrittenTensor(name, spec.dtype, list(spec.shape), xxhash.xxh3_64_hexdigest(data))
         self._written.append(wt)
         self._next += 1

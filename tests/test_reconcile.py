@@ -153,3 +153,22 @@ def test_target_model_on_meta_device(fsdp_ckpt: Path, tmp_path: Path, reference:
     got = load_file(tmp_path / "out" / "model.safetensors")
     assert got["embed.weight"].shape == (1000, 32) and got["scalars"].shape == (5,)
     assert bits_equal(got["lm_head.weight"], reference["model"]["lm_head.weight"][:1000])
+
+
+def test_allow_grow_adds_rows_and_fresh_moments(fsdp_ckpt: Path, reference: dict, tmp_path: Path) -> None:
+    shapes = tmp_path / "shapes.json"
+    shapes.write_text(json.dumps({"embed.weight": [1030, 32], "lm_head.weight": [1030, 32]}))
+    out = tmp_path / "out"
+    r = run_cli("convert", fsdp_ckpt, out, "--vocab-size", "1030", "--executor", "inline")
+    assert r.code == 2 and "--allow-grow" in r.err
+    report = convert(fsdp_ckpt, out, ConvertOptions(vocab_size=1030, allow_grow=True, executor="inline", progress=False))
+    model = load_file(out / "model.safetensors")
+    emb = reference["model"]["embed.weight"]
+    assert bits_equal(model["embed.weight"][:1024], emb)
+    assert torch.equal(model["embed.weight"][1024], emb.mean(0))
+    optim = load_file(out / "optimizer.safetensors")
+    sq = optim["state.embed.weight.exp_avg_sq"]
+    assert sq.shape == (1030, 32) and not sq[1024:].any()
+    assert bits_equal(sq[:1024], reference["optim"]["state"]["embed.weight"]["exp_avg_sq"])
+    grows = [a for a in {e["source"]: e for e in report["ledger"]}["model.embed.weight"]["actions"] if a["action"] == "grow"]
+    assert grows and grows[0]["init"] == "mean"
