@@ -7,7 +7,7 @@ vector such as ``x0_lambdas``.
 
 from __future__ import annotations
 
-from shardfix.profiles.base import Evidence, embedding, layer_ids, matching
+from shardfix.profiles.base import Evidence, basic_dims, matching
 from shardfix.reconcile.arch import AttnRule
 
 #: per-layer parameter vectors of the bank versions: their first dim is the layer count.
@@ -25,12 +25,7 @@ ATTENTION = (
 
 def common_facts(ev: Evidence, shapes: dict[str, tuple[int, ...]]) -> None:
     """Fill ``ev.dims`` (dim, layers, heads from gates) and reasons about the embedding and lm_head."""
-    emb = embedding(shapes)
-    if emb:
-        ev.dims.set("dim", emb[1][1], f"{emb[0]} {list(emb[1])}")
-    blocks = layer_ids(shapes)
-    if blocks:
-        ev.dims.set("layers", len(blocks), f"blocks.0..{blocks[-1]}")
+    basic_dims(ev, shapes)
     for name in PER_LAYER:
         if name in shapes and shapes[name]:
             ev.dims.set("layers", shapes[name][0], f"{name} {list(shapes[name])}")

@@ -87,6 +87,18 @@ def embedding(shapes: dict[str, tuple[int, ...]]) -> tuple[str, tuple[int, ...]]
     return next(((n, s) for n, s in shapes.items() if _EMBED.search(n) and len(s) == 2), None)
 
 
+def basic_dims(ev: Evidence, shapes: dict[str, tuple[int, ...]]) -> tuple[str, tuple[int, ...]] | None:
+    """Set the model dim (the embedding's width) and the layer count (``layers.{i}`` indices) on
+    ``ev.dims``; return the embedding."""
+    emb = embedding(shapes)
+    if emb:
+        ev.dims.set("dim", emb[1][1], f"{emb[0]} {list(emb[1])}")
+    ids = layer_ids(shapes)
+    if ids:
+        ev.dims.set("layers", len(ids), f"layer indices 0..{ids[-1]}")
+    return emb
+
+
 def prefix_reason(index: SourceIndex) -> list[str]:
     counts = wrapper_counts(index)
     return [f"{n} keys carry the {w} wrapper prefix" + (" (a torch.compile'd module was saved)" if w == "_orig_mod." else "")

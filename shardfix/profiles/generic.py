@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shardfix.profiles.base import Evidence, embedding, layer_ids, model_shapes, prefix_reason
+from shardfix.profiles.base import Evidence, basic_dims, model_shapes, prefix_reason
 from shardfix.sources.base import SourceIndex
 
 NAME = "generic"
@@ -15,12 +15,7 @@ def detect(index: SourceIndex) -> Evidence:
     shapes = model_shapes(index)
     ev = Evidence(NAME, score=1, variant="generic", describe="no profile-specific names")
     ev.reasons.append("fallback: no names of a more specific profile were found")
-    emb = embedding(shapes)
-    if emb:
-        ev.dims.set("dim", emb[1][1], f"{emb[0]} {list(emb[1])}")
-    ids = layer_ids(shapes)
-    if ids:
-        ev.dims.set("layers", len(ids), f"layer indices 0..{ids[-1]}")
+    basic_dims(ev, shapes)
     ev.reasons += prefix_reason(index)
     return ev
 

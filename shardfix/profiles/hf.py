@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from shardfix.profiles.base import Evidence, embedding, layer_ids, matching, model_shapes, prefix_reason
+from shardfix.profiles.base import Evidence, basic_dims, matching, model_shapes, prefix_reason
 from shardfix.reconcile.arch import head_candidates
 from shardfix.reconcile.fused import SplitRule
 from shardfix.sources.base import SourceIndex
@@ -62,13 +62,9 @@ def detect(index: SourceIndex) -> Evidence:
     if found:
         n, s = next(iter(found.items()))
         ev.reasons.append(f"{len(found)} transformers-style attention weights, e.g. {n} {list(s)}")
-    emb = embedding(shapes)
+    emb = basic_dims(ev, shapes)
     if emb:
-        ev.dims.set("dim", emb[1][1], f"{emb[0]} {list(emb[1])}")
         ev.reasons.append(f"embedding {emb[0]} {list(emb[1])}")
-    ids = layer_ids(shapes)
-    if ids:
-        ev.dims.set("layers", len(ids), f"layers.0..{ids[-1]}")
     q = next((s for n, s in shapes.items() if n.endswith("self_attn.q_proj.weight")), None)
     k = next((s for n, s in shapes.items() if n.endswith("self_attn.k_proj.weight")), None)
     if q:
