@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from shardfix import __version__
-from shardfix.errors import ShardfixError
+from shardfix.errors import ReconcileConflictError, ShardfixError
 from shardfix.options import ConvertOptions
 
 log = logging.getLogger("shardfix")
@@ -122,7 +122,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     opts = ConvertOptions(trust_pickle=args.trust_pickle)
     index = load_index(args.src, opts)
-    info = inspect_index(index)
+    info = inspect_index(index, args.profile, args.target_config)
     if not args.no_evidence:
         from shardfix.api import add_evidence
         from shardfix.plan import build_plan
@@ -141,6 +141,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             extra[f"padding ({v['tensor']})"] = (f"length {v['length']}, {v['trailing_ones']} trailing ones; implied "
                                                  f"world sizes {v['implied_world_sizes'][:8]}")
     print(json.dumps(info, indent=2, default=str) if args.json else format_inspection(info))
+    if info["architecture"].get("problems"):
+        raise ReconcileConflictError(info["architecture"]["problems"])
     return 0
 
 

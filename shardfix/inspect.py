@@ -5,13 +5,22 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from shardfix.profiles.findings import format_profile_findings, profile_findings
 from shardfix.reconcile.keys import WRAPPERS, classify, is_flat_model
 from shardfix.reconcile.padding import looks_padded_vocab
 from shardfix.sources.base import SourceIndex, TensorEntry
 
 
-def inspect_index(index: SourceIndex) -> dict[str, Any]:
-    """Describe a source index as a JSON-serialisable dict."""
+def inspect_index(index: SourceIndex, profile: str | None = None, target_config: str | None = None) -> dict[str, Any]:
+    """Describe a source index as a JSON-serialisable dict.
+
+    Args:
+        index: the checkpoint's metadata index.
+        profile: ``--profile``: use this profile instead of the detected one.
+        target_config: ``--target-config``: heads and head_dim from this config, and the
+            architecture check of every attention tensor against it
+            (``info["architecture"]["problems"]``).
+    """
     tensors = list(index.tensors())
     flat = is_flat_model([e.path for e in index.entries], [e.path for e in tensors])
     roles = {e.key: classify(e.path, flat) for e in index.entries}
@@ -40,6 +49,7 @@ def inspect_index(index: SourceIndex) -> dict[str, Any]:
         "padded_vocab_candidates": vocab_candidates,
         "tensors": [_tensor_row(e) for e in tensors],
         "objects": [{"key": e.key, "type": e.type_name, "value": _short(e.value)} for e in index.objects()],
+        **profile_findings(index, profile, target_config),
     }
 
 
@@ -66,10 +76,11 @@ def format_inspection(info: dict[str, Any], limit: int = 60) -> str:
     ]
     if info["prefixes"]:
         lines.append("prefixes: " + ", ".join(f"{k} x{n}" for k, n in info["prefixes"].items()))
-    if info["padded_vocab_candidates"]:
+    if info["padded_vocab_candidates"] and "architecture" not in info:
         lines.append(f"vocab:   {info['padded_vocab_candidates']} rows (multiple of 64: likely padded)")
     for n in info["notes"]:
         lines.append(f"note:    {n}")
+    lines += format_profile_findings(info)
     for key, value in info.get("extra", {}).items():
         lines.append(f"{key}: {value}")
     lines.append("")

@@ -18,8 +18,9 @@ from typing import Any
 from shardfix.dtypes import CAST_CHOICES, FLOAT_NAMES, itemsize, numel
 from shardfix.errors import ReconcileConflictError
 from shardfix.options import ConvertOptions
+from shardfix.profiles import splitter_for
 from shardfix.reconcile import ops as O
-from shardfix.reconcile.fused import Part, split_parts
+from shardfix.reconcile.fused import Drop, Part, check_outputs, source_targets, split_parts
 from shardfix.reconcile.keys import Role, classify, is_flat_model, strip_wrappers
 from shardfix.reconcile.optimizer import (
     IdMapping,
@@ -262,6 +263,10 @@ def build_plan(
         seen[name] = e.key
         model[name] = _ModelTensor(e, name, actions)
 
+    # -- profile (shardfix.profiles): targets named after split outputs apply to their source ------
+    splitter = splitter_for(index, opts, targets)
+    part_targets, targets = targets, source_targets(targets, {n: t.entry.shape for n, t in model.items()}, opts, splitter)
+
     # -- target shapes --------------------------------------------------------------------
     padded_vocab = _padded_vocab(model)
     vocab = targets.vocab
@@ -314,15 +319,20 @@ def build_plan(
             t.fix = fix
 
     # -- fused weights ---------------------------------------------------------------------------
-    if opts.split_fused or opts.key_map:
+    if splitter.active:
         for t in model.values():
             if t.dropped:
                 continue
-            split = split_parts(t.name, O.out_shape(t.entry.shape, t.fix.ops), opts, targets)
+            split = split_parts(t.name, O.out_shape(t.entry.shape, t.fix.ops), opts, part_targets, splitter)
             if isinstance(split, str):
                 problems.append(split)
+            elif isinstance(split, Drop):
+                t.dropped = split.reason
             elif split:
                 t.parts = split
+    # every output once: name clashes, unused key-map entries, the architecture check (--target-config)
+    problems += check_outputs({n: [] if t.dropped else [(o, O.out_shape(t.entry.shape, ops)) for o, ops, _ in t.outputs()]
+                               for n, t in model.items()}, splitter)
 
     # -- optimizer ---------------------------------------------------------------------------
     optim_out, param_groups, partial = _plan_optimizer(index, roles, model, opts, ledger, warnings, problems)
@@ -379,6 +389,7 @@ def build_plan(
     findings = {
         "layout": "flat state dict" if flat else "containers",
         "prefixes_stripped": dict(prefixes),
+        "profile": splitter.evidence,
         "padded_vocab": padded_vocab,
         "target_vocab": vocab,
         "metadata": {e.key: e.value for e in index.objects()

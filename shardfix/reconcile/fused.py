@@ -1,14 +1,40 @@
-"""Fused-weight rules: split ``qkv_w`` / ``qkvo_w`` / banks into the target model's tensors.
+"""Fused-weight rules: split ``qkv_w`` / ``qkvo_w`` / banks, and write transposed weights ``[out, in]``.
 
-:func:`split_parts` is the planner's hook: given a tensor's (already shape-reconciled) name and
-shape it returns the parts to write, in order, so they concatenate back to the source, or None
-when the tensor is not fused, or a problem string.
+Two kinds of data drive a split, both declarative:
+
+* a **layout** (``LAYOUTS``): a pure function from a tensor's shape and the checkpoint's
+  :class:`~shardfix.reconcile.arch.Dims` to its *pieces* -- a label (``q``, ``k``, ``v``, ``o``,
+  ``fc``, ``proj``, ``weight``), the ops that cut it out, and for banks the layer it belongs to.
+  Bank slots and rows that are padding become drop actions with a reason, never outputs.
+* a **name table** (:class:`SplitRule`): for a source pattern (``{i}`` = a layer index) the
+  output name of each piece of one layer, in storage order; ``"none"`` drops a piece. Each
+  profile ships one; ``--key-map FILE`` (TOML, :func:`read_key_map`) overrides it.
+
+Pieces are listed in storage order, so the outputs of one source concatenate back to it (after
+undoing a piece's transpose), padding aside. :func:`split_parts` is the planner's hook;
+:func:`source_targets` translates target shapes named after split outputs back to their source
+tensors; :func:`check_outputs` looks at every output once (name clashes, unused key-map
+entries, the architecture check).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+import re
+import tomllib
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
+
+from shardfix.errors import BadInputError
+from shardfix.reconcile import ops as O
+from shardfix.reconcile.arch import ArchConfig, AttnRule, Dims, check_architecture
+from shardfix.reconcile.padding import ShapeFix, reconcile_shape
+
+#: an output name that drops its piece (TOML has no null).
+DROP_NAMES = ("none", "")
 
 
 @dataclass(slots=True)
@@ -20,6 +46,497 @@ class Part:
     actions: list[dict[str, Any]] = field(default_factory=list)
 
 
-def split_parts(name: str, shape: tuple[int, ...], opts: Any, targets: Any) -> list[Part] | str | None:
-    """Parts for a fused tensor, None when ``name`` is not fused under the active profile."""
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """The hook's answer for a tensor the name table maps to no output at all."""
+
+    reason: str
+
+
+@dataclass(slots=True)
+class Piece:
+    """One cut of a fused tensor: ``label`` within its layer, the ops, the layer (banks)."""
+
+    label: str
+    ops: list[dict[str, Any]]
+    layer: int | None = None
+    actions: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Cut:
+    """A layout's answer: the labels of one layer's pieces, every piece in storage order, and
+    what was left out as padding (drop actions with reasons)."""
+
+    labels: tuple[str, ...]
+    pieces: list[Piece]
+    what: str
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+
+
+Layout = Callable[[tuple[int, ...], Dims, int], "Cut | str"]
+
+
+# -- layouts ----------------------------------------------------------------------------------------
+
+def _transpose_note(shape: tuple[int, ...], why: str) -> dict[str, Any]:
+    return {"action": "transpose", "rule": why, "from": list(shape), "to": list(reversed(shape))}
+
+
+def _labelled(labels: tuple[str, ...], ops: list[list[dict[str, Any]]], what: str) -> Cut:
+    return Cut(labels, [Piece(label, o) for label, o in zip(labels, ops, strict=True)], what)
+
+
+def _qkv(shape: tuple[int, ...], dims: Dims, n: int) -> Cut | str:
+    """``qkv_w``: ``[3, hdim, dim]`` (or flattened ``[3 * hdim, dim]``) -> q, k, v ``[hdim, dim]``."""
+    if len(shape) == 3 and shape[0] == 3:
+        return _labelled(("q", "k", "v"), [[O.select(0, j)] for j in range(3)], "q, k, v stacked on dim 0")
+    if len(shape) == 2 and shape[0] % 3 == 0:
+        r = shape[0] // 3
+        return _labelled(("q", "k", "v"), [[O.narrow(0, j * r, r)] for j in range(3)], "q, k, v concatenated on dim 0")
+    return f"expected [3, heads*head_dim, dim] (q, k, v stacked), got {list(shape)}"
+
+
+def _qkvo(shape: tuple[int, ...], dims: Dims, n: int) -> Cut | str:
+    """``qkvo_w`` in any of its storage shapes -> q, k, v, o ``[hdim, dim]``.
+
+    ``[4, hdim, dim]``, ``[hdim, 4 * dim]`` and ``[4 * dim, hdim]`` hold the same bytes: the
+    training code always reads them through ``.view(4, hdim, dim)`` (and asserts hdim == dim, so
+    ``o`` is the ``[dim, hdim]`` output weight as stored).
+    """
+    labels = ("q", "k", "v", "o")
+    if len(shape) == 3 and shape[0] == 4:
+        return _labelled(labels, [[O.select(0, j)] for j in range(4)], "q, k, v, o stacked on dim 0 of [4, hdim, dim]")
+    if len(shape) != 2:
+        return f"expected [4, hdim, dim], [hdim, 4 * dim] or [4 * dim, hdim] (q, k, v, o), got {list(shape)}"
+    d = dims.dim
+    if d is None:
+        if shape[1] == 4 * shape[0]:
+            d = shape[0]
+        elif shape[0] == 4 * shape[1]:
+            d = shape[1]
+        else:
+            return f"cannot tell the model dim of {list(shape)} (no embedding found); pass --target-config"
+    numel = shape[0] * shape[1]
+    h = numel // (4 * d)
+    if numel % (4 * d) or sorted(shape) != sorted((h, 4 * d)):
+        return f"expected [{h}, {4 * d}] or [{4 * d}, {h}] for q, k, v, o of model dim {d}, got {list(shape)}"
+    form = f"[hdim, 4 * dim] = {list(shape)}" if shape == (h, 4 * d) else f"[4 * dim, hdim] = {list(shape)}"
+    base = O.reshape([4, h, d])
+    return _labelled(labels, [[base, O.select(0, j)] for j in range(4)], f"q, k, v, o stored as {form}, read as "
+                     f"view(4, {h}, {d})")
+
+
+def _oriented(shape: tuple[int, ...], dims: Dims, in_is_dim: bool, label: str) -> Cut | str:
+    """A single ``[out, in]`` weight whose in (``fc``, ``head``) or out (``proj``) dim is the model dim;
+    stored the other way round, it is transposed."""
+    if len(shape) != 2:
+        return f"expected a 2-D weight, got {list(shape)}"
+    d = dims.dim
+    if d is None:
+        return "cannot tell the model dim (no embedding found); pass --target-config"
+    a, b = shape
+    side = "in" if in_is_dim else "out"
+    if (b if in_is_dim else a) == d:
+        return Cut((label,), [Piece(label, [])], f"[out, in] with {side} = model dim {d}")
+    if (a if in_is_dim else b) == d:
+        piece = Piece(label, [O.transpose(0, 1)], actions=[_transpose_note(shape, "stored [in, out]; written [out, in]")])
+        return Cut((label,), [piece], f"stored [in, out] {list(shape)}, written [out, in]")
+    return f"neither dim of {list(shape)} is the model dim {d}"
+
+
+def _real_slots(slots: int, real: int | None, origin: str | None, unit: str) -> int | str:
+    """How many leading bank slots are layers (the rest are padding), or why that is unknown."""
+    if real is None:
+        return (f"cannot tell which of its {slots} slots are layers and which are padding (the layer count is "
+                "unknown); pass --target-config with num_hidden_layers")
+    if real > slots:
+        return (f"has {slots} slots for {real} layers ({origin}): a layer without {unit} cannot be located from "
+                "shapes; convert without --split-fused to keep the bank whole")
+    return real
+
+
+def _drop_slots(name: str, shape: tuple[int, ...], real: int, origin: str | None, unit: str) -> list[dict[str, Any]]:
+    return [{"action": "drop", "rule": "padding-layer", "index": s, "shape": list(shape[1:]),
+             "reason": f"{name} slot {s} of {shape[0]} is padding: {real} {unit} ({origin}); the rest pad the bank "
+                       "so its matrices divide evenly across GPUs"} for s in range(real, shape[0])]
+
+
+def _drop_rows(name: str, shape: tuple[int, ...], real: int, used: str) -> list[dict[str, Any]]:
+    if shape[0] <= real:
+        return []
+    return [{"action": "drop", "rule": "padding-rows", "rows": [real, shape[0]], "shape": [shape[0] - real, *shape[1:]],
+             "reason": f"{name} rows {real}..{shape[0] - 1} are zero padding: {used}; the rest round the bank up to a "
+                       "multiple of the world size"}]
+
+
+def _attn_bank(shape: tuple[int, ...], dims: Dims, n: int) -> Cut | str:
+    """``attn_bank`` ``[slots, 4 * dim, hdim]``: per layer q, k, v, o; padding slots dropped."""
+    if len(shape) != 3:
+        return f"expected [slots, 4 * dim, hdim], got {list(shape)}"
+    origin = dims.origins.get("attn_layers") or dims.origins.get("layers")
+    real = _real_slots(shape[0], dims.attn_layers or dims.layers, origin, "attention")
+    if isinstance(real, str):
+        return real
+    slot = _qkvo(shape[1:], dims, 4)
+    if isinstance(slot, str):
+        return slot
+    pieces = [Piece(p.label, [O.select(0, s), *p.ops], s) for s in range(real) for p in slot.pieces]
+    return Cut(slot.labels, pieces, f"{real} layers of q, k, v, o in a bank of {shape[0]} slots",
+               _drop_slots("attn_bank", shape, real, origin, "layers hold attention"))
+
+
+def _mlp_bank(shape: tuple[int, ...], dims: Dims, n: int) -> Cut | str:
+    """``mlp_bank`` ``[slots, 2, hidden, dim]``: per layer ``fc`` ``[hidden, dim]`` and ``proj``
+    (stored ``[hidden, dim]`` and used as ``x @ W``, written ``[dim, hidden]``); padding dropped."""
+    if len(shape) != 4 or shape[1] != 2:
+        return f"expected [slots, 2, hidden, dim], got {list(shape)}"
+    real = _real_slots(shape[0], dims.layers, dims.origins.get("layers"), "an MLP")
+    if isinstance(real, str):
+        return real
+    pieces = []
+    for s in range(real):
+        pieces.append(Piece("fc", [O.select(0, s), O.select(0, 0)], s))
+        pieces.append(Piece("proj", [O.select(0, s), O.select(0, 1), O.transpose(0, 1)], s,
+                            [_transpose_note(shape[2:], "proj stored [in, out] in the bank; written [out, in]")]))
+    return Cut(("fc", "proj"), pieces, f"{real} layers of fc, proj in a bank of {shape[0]} slots",
+               _drop_slots("mlp_bank", shape, real, dims.origins.get("layers"), "layers"))
+
+
+def _qk_bank(shape: tuple[int, ...], dims: Dims, n: int) -> Cut | str:
+    """``qk_bank`` ``[groups, 2 * head_dim, dim]``: per layer ``heads`` groups hold the q heads then the
+    k heads; rows past the real groups are zero padding to a multiple of the world size."""
+    if len(shape) != 3 or shape[1] % 2:
+        return f"expected [groups, 2 * head_dim, dim], got {list(shape)}"
+    hd, d = shape[1] // 2, shape[2]
+    heads = dims.heads or ((dims.hdim or d) // hd if (dims.hdim or d) % hd == 0 else None)
+    layers = dims.attn_layers or dims.layers
+    if heads is None or layers is None:
+        return "needs the head count and the layer count; pass --target-config"
+    real = layers * heads
+    if real > shape[0]:
+        return f"has {shape[0]} groups but {layers} layers x {heads} heads need {real}"
+    pieces = []
+    for layer in range(layers):
+        base = [O.narrow(0, layer * heads, heads), O.reshape([2 * heads * hd, d])]
+        pieces.append(Piece("q", [*base, O.narrow(0, 0, heads * hd)], layer))
+        pieces.append(Piece("k", [*base, O.narrow(0, heads * hd, heads * hd)], layer))
+    return Cut(("q", "k"), pieces, f"{layers} layers of q, k ({heads} heads of {hd}) in {shape[0]} groups",
+               _drop_rows("qk_bank", shape, real, f"{layers} layers x {heads} heads use {real} groups"))
+
+
+def _vo_bank(shape: tuple[int, ...], dims: Dims, n: int) -> Cut | str:
+    """``vo_bank`` ``[slots, hdim, dim]``: per layer v then o; slots past ``2 * layers`` are zero padding."""
+    if len(shape) != 3:
+        return f"expected [slots, hdim, dim], got {list(shape)}"
+    layers = dims.attn_layers or dims.layers
+    if layers is None:
+        return "needs the layer count; pass --target-config with num_hidden_layers"
+    real = 2 * layers
+    if real > shape[0]:
+        return f"has {shape[0]} slots but {layers} layers need {real}"
+    pieces = []
+    for layer in range(layers):
+        pieces.append(Piece("v", [O.select(0, 2 * layer)], layer))
+        pieces.append(Piece("o", [O.select(0, 2 * layer + 1)], layer))
+    return Cut(("v", "o"), pieces, f"{layers} layers of v, o in {shape[0]} slots",
+               _drop_rows("vo_bank", shape, real, f"{layers} layers use {real} slots (v, o each)"))
+
+
+def _hf_qkv(shape: tuple[int, ...], dims: Dims, n: int) -> Cut | str:
+    """``qkv_proj`` ``[(heads + 2 kv_heads) * head_dim, hidden]`` -> q, k, v (grouped-query aware)."""
+    if len(shape) != 2:
+        return f"expected [(heads + 2 * kv_heads) * head_dim, hidden], got {list(shape)}"
+    H, KV, hd = dims.heads, dims.kv_heads or dims.heads, dims.head_dim
+    if H is None or hd is None:
+        return "needs num_attention_heads, num_key_value_heads and head_dim to cut q, k, v; pass --target-config"
+    if (H + 2 * KV) * hd != shape[0]:
+        return f"({H} + 2 x {KV}) heads x {hd} = {(H + 2 * KV) * hd} rows expected, got {shape[0]}"
+    q, kv = H * hd, KV * hd
+    return _labelled(("q", "k", "v"), [[O.narrow(0, 0, q)], [O.narrow(0, q, kv)], [O.narrow(0, q + kv, kv)]],
+                     f"q ({H} heads), k, v ({KV} heads) of {hd} concatenated on dim 0")
+
+
+def _chunks(shape: tuple[int, ...], dims: Dims, n: int) -> Cut | str:
+    if not shape or shape[0] % n:
+        return f"dim 0 of {list(shape)} does not split into {n} equal parts"
+    r = shape[0] // n
+    labels = tuple(f"part{j}" for j in range(n))
+    return _labelled(labels, [[O.narrow(0, j * r, r)] for j in range(n)], f"{n} equal parts of dim 0")
+
+
+def _rename(shape: tuple[int, ...], dims: Dims, n: int) -> Cut | str:
+    return Cut(("weight",), [Piece("weight", [])], "renamed")
+
+
+def _auto(shape: tuple[int, ...], dims: Dims, n: int) -> Cut | str:
+    """A key-map entry for a tensor the profile does not know: rename, or cut dim 0 evenly."""
+    if n == 1:
+        return _rename(shape, dims, n)
+    if shape and shape[0] == n:
+        return _labelled(tuple(f"part{j}" for j in range(n)), [[O.select(0, j)] for j in range(n)], f"{n} slices of dim 0")
+    return _chunks(shape, dims, n)
+
+
+LAYOUTS: dict[str, Layout] = {
+    "qkv": _qkv,
+    "qkvo": _qkvo,
+    "fc": lambda s, d, n: _oriented(s, d, True, "fc"),
+    "head": lambda s, d, n: _oriented(s, d, True, "weight"),
+    "proj": lambda s, d, n: _oriented(s, d, False, "proj"),
+    "attn_bank": _attn_bank,
+    "mlp_bank": _mlp_bank,
+    "qk_bank": _qk_bank,
+    "vo_bank": _vo_bank,
+    "hf_qkv": _hf_qkv,
+    "halves": lambda s, d, n: _chunks(s, d, 2),
+    "rename": _rename,
+    "auto": _auto,
+}
+
+
+# -- name tables and the key map ------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=512)
+def _pattern(pattern: str) -> re.Pattern[str]:
+    return re.compile(re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)") + r"\Z")
+
+
+def match_pattern(pattern: str, name: str) -> dict[str, str] | None:
+    """``{"i": "3"}`` when ``name`` fits ``pattern`` (``{i}`` = a layer index), else None."""
+    m = _pattern(pattern).match(name)
+    return m.groupdict() if m else None
+
+
+@dataclass(frozen=True, slots=True)
+class SplitRule:
+    """Source ``pattern`` -> one output name per piece of a layer (``"none"`` drops the piece), cut
+    by ``layout``. ``{i}`` in an output is the layer: captured from the source name, or the bank slot."""
+
+    pattern: str
+    layout: str
+    outputs: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"SplitRule {self.pattern!r}: unknown layout {self.layout!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyMap:
+    """``--key-map FILE``: ``{source pattern: [output names]}``; an empty list drops the tensor."""
+
+    path: str
+    entries: tuple[tuple[str, tuple[str, ...]], ...]
+
+
+def read_key_map(path: str) -> KeyMap:
+    """Read a ``--key-map`` TOML file.
+
+    Format: top-level keys are source names after prefix stripping, ``{i}`` standing for a
+    layer index; each value is a list of output names, one per piece in the profile's order
+    (``"none"`` drops that piece), a single string (a rename), or ``[]`` (drop the tensor)::
+
+        "blocks.{i}.attn.qkv_w" = ["model.layers.{i}.self_attn.q_proj.weight", "...k_proj.weight", "...v_proj.weight"]
+        "embed.weight" = "model.embed_tokens.weight"
+        "scalars" = []
+    """
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except OSError as e:
+        raise BadInputError(f"--key-map: cannot read {p} ({e.strerror})") from e
+    except tomllib.TOMLDecodeError as e:
+        raise BadInputError(f"--key-map: {p} is not valid TOML ({e}); quote keys that contain dots") from e
+    entries = []
+    for key, value in data.items():
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise BadInputError(f"--key-map: {p}: {key!r} must map to a list of output names (or \"none\"), got {value!r}")
+        entries.append((key, tuple(value)))
+    return KeyMap(str(p), tuple(entries))
+
+
+@dataclass(slots=True)
+class Splitter:
+    """Everything the hook needs, decided once per plan: the active profile's name table and
+    attention names, the checkpoint's dims, the key map, the config for the architecture check."""
+
+    profile: str
+    rules: tuple[SplitRule, ...] = ()
+    attention: tuple[AttnRule, ...] = ()
+    dims: Dims = field(default_factory=Dims)
+    key_map: KeyMap | None = None
+    split_fused: bool = False
+    config: ArchConfig | None = None
+    config_problems: list[str] = field(default_factory=list)
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        """Whether any tensor can be renamed or split (``--split-fused`` or ``--key-map``)."""
+        return self.split_fused or self.key_map is not None
+
+    def rule_for(self, name: str) -> tuple[SplitRule, dict[str, str], str] | None:
+        """The rule that names ``name``'s outputs: a key-map entry first (cut by the profile's layout
+        for that tensor), then, with ``--split-fused``, the profile's own table."""
+        if self.key_map is not None:
+            for pattern, outputs in self.key_map.entries:
+                cap = match_pattern(pattern, name)
+                if cap is not None:
+                    base = next((r for r in self.rules if match_pattern(r.pattern, name) is not None), None)
+                    return SplitRule(pattern, base.layout if base else "auto", outputs), cap, f"--key-map {self.key_map.path}"
+        if self.split_fused:
+            for rule in self.rules:
+                cap = match_pattern(rule.pattern, name)
+                if cap is not None:
+                    return rule, cap, f"profile {self.profile}"
+        return None
+
+
+def _fill(template: str, layer: int | None, cap: dict[str, str]) -> str | None:
+    i = str(layer) if layer is not None else cap.get("i")
+    if "{i}" in template:
+        return None if i is None else template.replace("{i}", i)
+    return template
+
+
+def split_parts(name: str, shape: tuple[int, ...], opts: Any, targets: Any, splitter: Splitter | None = None
+                ) -> list[Part] | Drop | str | None:
+    """The parts of ``name`` (shape after any padding fix), in storage order; None when no rule
+    names it; :class:`Drop` when its table maps it to nothing; a problem string otherwise.
+
+    A part whose name ``targets`` gives a shape for is reconciled to it (``--vocab-size`` and
+    padding rules apply to the part); with a complete target (``--target-model``) a part the
+    target lacks is a problem.
+    """
+    if splitter is None or not splitter.active:
+        return None
+    found = splitter.rule_for(name)
+    if found is None:
+        return None
+    rule, cap, origin = found
+    if not rule.outputs:
+        return Drop(f"{origin} maps {rule.pattern!r} to no output")
+    cut = LAYOUTS[rule.layout](tuple(shape), splitter.dims, len(rule.outputs))
+    if isinstance(cut, str):
+        return f"{name}: shape {list(shape)}: {cut} ({origin}, layout {rule.layout})"
+    if len(rule.outputs) != len(cut.labels):
+        return (f"{name}: {origin} gives {len(rule.outputs)} output name(s) for {rule.pattern!r} but it has "
+                f"{len(cut.labels)} part(s) per layer ({', '.join(cut.labels)}); list one name per part, \"none\" to drop one")
+    parts: list[Part] = []
+    drops: list[dict[str, Any]] = list(cut.dropped)
+    problems: list[str] = []
+    for piece in cut.pieces:
+        template = rule.outputs[cut.labels.index(piece.label)]
+        if template.lower() in DROP_NAMES:
+            drops.append({"action": "drop", "rule": origin, "part": piece.label, "layer": piece.layer,
+                          "shape": list(O.out_shape(tuple(shape), piece.ops)),
+                          "reason": f"{origin} maps part {piece.label} to none"})
+            continue
+        out = _fill(template, piece.layer, cap)
+        if out is None:
+            return f"{name}: output name {template!r} ({origin}) uses {{i}} but {rule.pattern!r} captures no layer index"
+        part = Part(out, list(piece.ops), list(piece.actions))
+        fix = _fit_target(part, tuple(O.out_shape(tuple(shape), piece.ops)), name, opts, targets)
+        if isinstance(fix, str):
+            problems.append(fix)
+        parts.append(part)
+    if problems:
+        return "; ".join(problems)
+    if not parts:
+        return Drop(f"{origin} maps every part of {name} to none")
+    head: list[dict[str, Any]] = []
+    if len(cut.pieces) > 1 or drops:
+        head.append({"action": "split", "rule": f"{origin}: {cut.what}", "layout": rule.layout,
+                     "parts": [p.name for p in parts]})
+    elif parts[0].name != name:
+        head.append({"action": "rename", "from": name, "to": parts[0].name, "rule": origin})
+    parts[0].actions[:0] = head + drops
+    return parts
+
+
+def _fit_target(part: Part, shape: tuple[int, ...], source: str, opts: Any, targets: Any) -> str | None:
+    """Reconcile a part to the target shape named after it (appending ops), or a problem."""
+    shapes = getattr(targets, "shapes", None) or {}
+    want = shapes.get(part.name)
+    if want is None:
+        if getattr(targets, "complete", False) and part.name != source:
+            origin = targets.origins.get("shapes", "the target model")
+            return f"{part.name} (split from {source}): not in {origin}; pass --key-map to name it after the target"
+        return None
+    if tuple(want) == shape:
+        return None
+    fix = reconcile_shape(part.name, shape, tuple(want), vocab=getattr(targets, "vocab", None),
+                          allow_grow=getattr(opts, "allow_grow", False), grow_init=getattr(opts, "grow_init", "mean"))
+    if isinstance(fix, str):
+        return f"{fix} (split from {source})"
+    assert isinstance(fix, ShapeFix)
+    part.ops += fix.ops
+    part.actions += fix.actions
     return None
+
+
+def source_targets(targets: Any, shapes: Mapping[str, tuple[int, ...]], opts: Any, splitter: Splitter) -> Any:
+    """Target shapes as the planner's source-side rules need them.
+
+    Targets name the *target model's* tensors. A single output made by renaming (and maybe
+    transposing) a source tensor gets its target translated back to the source name, so vocab
+    and padding rules trim the source before the rename; targets for the parts of a split
+    tensor are checked part by part in :func:`split_parts`, and the fused source is given its
+    own shape (so a complete target does not call it unknown).
+    """
+    if not splitter.active or not targets.shapes:
+        return targets
+    new = dict(targets.shapes)
+    for name, shape in shapes.items():
+        res = split_parts(name, shape, opts, None, splitter)
+        if isinstance(res, Drop):
+            if targets.complete:
+                new.setdefault(name, tuple(shape))
+            continue
+        if not isinstance(res, list):
+            continue
+        if len(res) == 1 and all(op["op"] == "transpose" for op in res[0].ops):
+            out = res[0].name
+            if out in targets.shapes:
+                want = tuple(targets.shapes[out])
+                if out != name and out not in shapes:
+                    new.pop(out, None)
+                new[name] = tuple(reversed(want)) if len(res[0].ops) % 2 else want
+            elif targets.complete:
+                new.setdefault(name, tuple(shape))
+            continue
+        for p in res:
+            if p.name not in shapes:
+                new.pop(p.name, None)
+        if targets.complete:
+            new[name] = tuple(shape)
+    return replace(targets, shapes=new)
+
+
+def check_outputs(outputs: Mapping[str, list[tuple[str, tuple[int, ...]]]], splitter: Splitter | None) -> list[str]:
+    """Look at every model output once: two sources writing one name, key-map entries that match
+    nothing, and -- with a config -- the architecture check on every attention tensor."""
+    if splitter is None:
+        return []
+    problems: list[str] = []
+    writers: dict[str, list[str]] = defaultdict(list)
+    for src, outs in outputs.items():
+        for name, _ in outs:
+            writers[name].append(src)
+    for name, srcs in writers.items():
+        if len(srcs) > 1:
+            problems.append(f"{name}: written from {', '.join(sorted(set(srcs)))}; give each output its own name "
+                            "(--key-map)")
+    if splitter.key_map is not None:
+        for pattern, _ in splitter.key_map.entries:
+            if not any(match_pattern(pattern, src) is not None for src in outputs):
+                problems.append(f"--key-map {splitter.key_map.path}: {pattern!r} matches no tensor of the checkpoint "
+                                "(names are compared after prefix stripping)")
+    if splitter.config is not None:
+        problems += splitter.config_problems
+        flat = {name: tuple(shape) for outs in outputs.values() for name, shape in outs}
+        problems += check_architecture(flat, splitter.config, splitter.attention)
+    return problems
