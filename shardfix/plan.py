@@ -186,12 +186,20 @@ class _ModelTensor:
 
 
 def _padded_vocab(tensors: dict[str, _ModelTensor]) -> int | None:
-    """Rows of the embedding (or head): the checkpoint's own vocab size, padded or not."""
-    for pattern in (r"(^|\.)(embed|wte|tok_embeddings|word_embeddings|embed_tokens)(\.weight)?$", r"lm_head"):
-        for t in tensors.values():
-            if re.search(pattern, t.name) and len(t.entry.shape) == 2:
-                return t.entry.shape[0] if "lm_head" not in pattern else max(t.entry.shape)
-    return None
+    """The checkpoint's own vocab rows: the larger of the embedding's and the head's.
+
+    Some training scripts pad only the head (embedding 50257 rows, ``lm_head`` 50304), so the
+    padded vocab is the largest vocab-sized dim among them; the head may be stored ``[d, V]``.
+    """
+    rows = []
+    for t in tensors.values():
+        if len(t.entry.shape) != 2:
+            continue
+        if re.search(r"(^|\.)(embed|wte|tok_embeddings|word_embeddings|embed_tokens)(\.weight)?$", t.name):
+            rows.append(t.entry.shape[0])
+        elif re.search(r"(^|\.)lm_head", t.name):
+            rows.append(max(t.entry.shape))
+    return max(rows) if rows else None
 
 
 def _vocab_target(shape: tuple[int, ...], padded: int, vocab: int) -> tuple[int, ...] | None:

@@ -23,8 +23,10 @@ from typing import Any
 
 from shardfix.errors import BadInputError, ReconcileConflictError
 from shardfix.options import ConvertOptions
+from shardfix.reconcile.arch import CONFIG_ALIASES, normalise_config
 from shardfix.targets import Targets
 
+_ALIAS_SPELLINGS = frozenset(s for spellings in CONFIG_ALIASES.values() for s in spellings)
 CONFIG_KEYS = (
     "vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
     "num_hidden_layers", "tie_word_embeddings", "intermediate_size",
@@ -62,7 +64,11 @@ def read_config(path: str) -> dict[str, Any]:
     text_config = data.get("text_config")
     if isinstance(text_config, dict):  # multimodal configs nest the LM's config
         data = {**text_config, **{k: v for k, v in data.items() if k in CONFIG_KEYS}}
+    for k, v in data.items():  # validate before alias mapping, so a bad value is named as written
+        if k in _ALIAS_SPELLINGS and k != "tie_word_embeddings" and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise BadInputError(f"--target-config: {p}: {k} must be a positive integer, got {v!r}")
     cfg = {k: data[k] for k in CONFIG_KEYS if data.get(k) is not None}
+    cfg.update(normalise_config(data))  # n_embd, n_head, ... -> the Hugging Face names
     for k, v in cfg.items():
         if k != "tie_word_embeddings" and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
             raise BadInputError(f"--target-config: {p}: {k} must be a positive integer, got {v!r}")

@@ -241,9 +241,10 @@ def test_optimizers_list_without_names_needs_param_names_file(tmp_path: Path) ->
     assert r.code == 0, r.err
     report = json.loads((tmp_path / "guess" / "shardfix-report.json").read_text())
     assert any("optimizer 0" in w and "--param-names" in w for w in report["warnings"])
-    written = load_file(tmp_path / "guess" / "optimizer.safetensors")
-    assert not any(k.startswith(("state.embed", "state.lm_head")) for k in written)  # never guessed
-    assert "state.blocks.0.weight.momentum_buffer" in written  # optimizer 1 alone matches uniquely
+    # optimizer 1 covers 2 of 5 parameters, blocks.0 and blocks.1, of the same shape: its order
+    # need not be the model's, so it is not guessed either
+    assert any("optimizer 1" in w and "blocks.0.weight and blocks.1.weight" in w for w in report["warnings"])
+    assert not list((tmp_path / "guess").glob("optimizer*"))  # never guessed
 
     names = tmp_path / "names.json"
     names.write_text(json.dumps([["_orig_mod.lm_head.weight", "embed.weight", "scalars"],

@@ -172,3 +172,18 @@ def test_allow_grow_adds_rows_and_fresh_moments(fsdp_ckpt: Path, reference: dict
     assert bits_equal(sq[:1024], reference["optim"]["state"]["embed.weight"]["exp_avg_sq"])
     grows = [a for a in {e["source"]: e for e in report["ledger"]}["model.embed.weight"]["actions"] if a["action"] == "grow"]
     assert grows and grows[0]["init"] == "mean"
+
+
+def test_only_the_head_padded(tmp_path: Path) -> None:
+    """Embedding 1000 rows, head 1024 (an older modded-nanogpt layout): --vocab-size trims the head only."""
+    g = torch.Generator().manual_seed(1)
+    sd = {"_orig_mod.embed.weight": torch.randn(1000, 8, generator=g),
+          "_orig_mod.lm_head.weight": torch.randn(1024, 8, generator=g)}
+    torch.save({"model": sd}, tmp_path / "ckpt.pt")
+    report = convert(tmp_path / "ckpt.pt", tmp_path / "out", ConvertOptions(vocab_size=1000, executor="inline",
+                                                                            progress=False))
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert bits_equal(got["embed.weight"], sd["_orig_mod.embed.weight"])
+    assert bits_equal(got["lm_head.weight"], sd["_orig_mod.lm_head.weight"][:1000])
+    head = {e["source"]: e for e in report["ledger"]}["model._orig_mod.lm_head.weight"]
+    assert [a["rule"] for a in head["actions"] if a["action"] == "trim"] == ["vocab"]

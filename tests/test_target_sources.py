@@ -49,3 +49,13 @@ def test_config_and_conflicts(tmp_path: Path) -> None:
         read_config(str(bad))
     with pytest.raises(BadInputError, match="--tokenizer"):
         tokenizer_vocab(str(tmp_path / "missing.json"))
+
+
+def test_config_alias_spellings(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"n_embd": 64, "n_head": 4, "n_layer": 2, "vocab_size": 1000}))
+    got = read_config(str(cfg))
+    assert (got["hidden_size"], got["num_attention_heads"], got["num_hidden_layers"]) == (64, 4, 2)
+    cfg.write_text(json.dumps({"n_head": 0}))
+    with pytest.raises(BadInputError, match="n_head"):
+        read_config(str(cfg))

@@ -224,6 +224,22 @@ def map_ids(
         ways = _count_embeddings(want, have, fits=fits)
         if ways == 1:
             pos = _first_embedding(want, have, fits)
+            if not trainable and len(want) != len(have):
+                # An optimizer over a subset often orders its params by group (head, embeddings,
+                # scalars), not in model order; a shape that fits several parameters then maps only
+                # by that order assumption, which nothing here can check: refuse to guess.
+                repeated = [
+                    f"state {i} {list(w)} fits " + " and ".join(n for n, h in candidates if fits(w, h))
+                    for i, w in zip(ids, want, strict=True)
+                    if w is not None and sum(fits(w, h) for h in have) > 1
+                ]
+                if repeated:
+                    return IdMapping(problems=[
+                        f"{label}: covers {len(ids)} of the model's {len(have)} parameters and its order need not be "
+                        f"the model's, so shapes shared by several parameters are ambiguous ({'; '.join(repeated[:3])}"
+                        f"{' ...' if len(repeated) > 3 else ''}); pass --param-names FILE, or --trainable REGEX naming "
+                        "exactly the optimized parameters"
+                    ])
             return IdMapping({i: candidates[p][0] for i, p in zip(ids, pos, strict=True)},
                              f"unique order-preserving shape match{how} ({len(ids)} of {len(have)} parameters{among})")
         if ways > 1:
