@@ -11,6 +11,7 @@ whose checksums still match.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -57,13 +58,26 @@ def file_from_dict(d: dict[str, Any]) -> OutputFile:
 
 
 def _hooks(ctx: dict[str, Any], name: str) -> float:
-    """Test hooks (``SHARDFIX_TEST_PID_DIR``, ``SHARDFIX_TEST_TASK_DELAY``): record the pid, return a delay."""
+    """Test hooks, set from ``SHARDFIX_TEST_*`` variables in the driver; return a delay.
+
+    ``pid_dir``: write ``NAME.pid`` with this process's pid; ``fail_once_dir``: the first
+    attempt at each file fails with an I/O error (EIO); ``delay``: seconds to pause after the
+    first tensor, so a test can interrupt a task mid-write.
+    """
     hooks = ctx.get("hooks") or {}
     if hooks.get("pid_dir"):
         pid_dir = Path(hooks["pid_dir"])
         tmp = pid_dir / f".{name}.pid.tmp-{os.getpid()}"
         tmp.write_text(str(os.getpid()))
         os.replace(tmp, pid_dir / f"{name}.pid")
+    if hooks.get("fail_once_dir"):
+        marker = Path(hooks["fail_once_dir"]) / f"{name}.failed"
+        try:
+            marker.touch(exist_ok=False)
+        except FileExistsError:
+            pass
+        else:
+            raise OSError(errno.EIO, f"injected I/O error writing {name} (SHARDFIX_TEST_FAIL_ONCE_DIR)")
     return float(hooks.get("delay") or 0)
 
 
@@ -390,7 +404,8 @@ def check_device(opts: Any) -> None:
 
 
 def _test_hooks() -> dict[str, Any] | None:
-    hooks = {"pid_dir": os.environ.get("SHARDFIX_TEST_PID_DIR"), "delay": os.environ.get("SHARDFIX_TEST_TASK_DELAY")}
+    hooks = {"pid_dir": os.environ.get("SHARDFIX_TEST_PID_DIR"), "delay": os.environ.get("SHARDFIX_TEST_TASK_DELAY"),
+             "fail_once_dir": os.environ.get("SHARDFIX_TEST_FAIL_ONCE_DIR")}
     return hooks if any(hooks.values()) else None
 
 

@@ -134,6 +134,29 @@ def test_worker_killed_mid_conversion(fsdp_ckpt, ray_session, inline_ref, tmp_pa
     assert by_name[name]["pid"] != pid
 
 
+@pytest.mark.slow
+def test_io_errors_are_retried(fsdp_ckpt, ray_session, inline_ref, tmp_path, monkeypatch):
+    """Every file's first attempt fails with EIO: Ray reruns the tasks and the output is identical."""
+    fail_dir = tmp_path / "fail"
+    fail_dir.mkdir()
+    monkeypatch.setenv("SHARDFIX_TEST_FAIL_ONCE_DIR", str(fail_dir))
+    out = tmp_path / "out"
+    report = convert(fsdp_ckpt, out, ConvertOptions(executor="ray", workers=2, progress=False, **OPTS))
+    assert_same_output(out, inline_ref)
+    groups = report["executor"]["tasks"]
+    assert len(list(fail_dir.glob("*.failed"))) >= groups  # each task failed at least once
+
+
+def test_io_error_inline_is_a_clear_error(fsdp_ckpt, tmp_path):
+    fail_dir = tmp_path / "fail"
+    fail_dir.mkdir()
+    r = run_cli("convert", fsdp_ckpt, tmp_path / "out", *CLI_OPTS, "--executor", "inline",
+                env={"SHARDFIX_TEST_FAIL_ONCE_DIR": str(fail_dir)})
+    assert r.code == 1 and "injected I/O error" in r.err
+    report = json.loads((tmp_path / "out" / REPORT_NAME).read_text())
+    assert report["status"] == "failed" and "injected I/O error" in report["error"]
+
+
 def _wait_for(pred, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
