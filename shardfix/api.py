@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from shardfix.errors import ShardfixError
-from shardfix.execute import execute, prepare_output
+from shardfix.execute import check_device, execute, prepare_output
 from shardfix.options import ConvertOptions
 from shardfix.plan import Plan, build_plan
 from shardfix.report import REPORT_NAME, build_report
@@ -79,6 +79,7 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions | None = None
     plan = plan_conversion(src, opts)
     add_evidence(plan, src, opts)
     t_plan = time.perf_counter() - t0
+    check_device(opts)  # before OUT is created: no GPU here is a usage error, not a failed run
     prepare_output(out, overwrite=opts.overwrite, resume=opts.resume)
     (out / REPORT_NAME).unlink(missing_ok=True)
     try:

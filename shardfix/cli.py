@@ -99,6 +99,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow full unpickling of the --against source (runs code in it; never read from the report)")
     p.add_argument("--json", action="store_true")
+
+    addr_help = "Ray job server URL, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)"
+    p = sub.add_parser("submit", help="submit a job file to a Ray cluster's job server")
+    p.add_argument("job", help="job file (TOML)")
+    p.add_argument("--address", help=addr_help)
+    p.add_argument("--wait", action="store_true", help="follow the job's log until it ends; exit with its status")
+    p.add_argument("--submission-id", help="id for the job (default: shardfix-NAME-TIME-RANDOM)")
+    p = sub.add_parser("status", help="show a submitted job's status")
+    p.add_argument("job_id")
+    p.add_argument("--address", help=addr_help)
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("logs", help="print a submitted job's log")
+    p.add_argument("job_id")
+    p.add_argument("--address", help=addr_help)
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    p = sub.add_parser("stop", help="stop a submitted job")
+    p.add_argument("job_id")
+    p.add_argument("--address", help=addr_help)
     return parser
 
 
@@ -161,6 +179,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.job:
         from shardfix.jobs import load_job
 
+        if args.src or args.out:
+            raise ShardfixError("convert --job FILE takes no SRC or OUT: the job file names them")
         job = load_job(args.job)
         src, out, opts = job.source, job.output, job.options
     else:
@@ -188,7 +208,62 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if not problems else 1
 
 
-COMMANDS = {"inspect": cmd_inspect, "plan": cmd_plan, "convert": cmd_convert, "verify": cmd_verify}
+def _print_status(info: dict[str, Any]) -> None:
+    line = f"{info['submission_id']}: {info['status']}"
+    if info.get("driver_exit_code") is not None:
+        line += f" (exit {info['driver_exit_code']})"
+    print(line)
+    if info.get("message"):
+        print(f"  {info['message'].strip().splitlines()[0]}")
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from shardfix import jobs
+
+    job_id = jobs.submit(args.job, args.address, submission_id=args.submission_id)
+    url = jobs.job_server_address(args.address)
+    print(f"submitted {job_id} to {url}")
+    if not args.wait:
+        print(f"follow it with: shardfix logs {job_id} --address {url} --follow")
+        return 0
+    sys.stdout.flush()
+    jobs.follow_logs(job_id, args.address)
+    info = jobs.wait(job_id, args.address)
+    _print_status(info)
+    return jobs.exit_code_of(info)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from shardfix import jobs
+
+    info = jobs.job_info(args.job_id, args.address)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        _print_status(info)
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from shardfix import jobs
+
+    if args.follow:
+        jobs.follow_logs(args.job_id, args.address)
+    else:
+        sys.stdout.write(jobs.job_logs(args.job_id, args.address))
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from shardfix import jobs
+
+    stopped = jobs.stop(args.job_id, args.address)
+    print(f"{args.job_id}: " + ("stop requested" if stopped else "already finished"))
+    return 0
+
+
+COMMANDS = {"inspect": cmd_inspect, "plan": cmd_plan, "convert": cmd_convert, "verify": cmd_verify,
+            "submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop}
 
 
 def main(argv: list[str] | None = None) -> int:

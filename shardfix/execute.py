@@ -11,10 +11,12 @@ whose checksums still match.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import time
 from dataclasses import asdict
@@ -23,6 +25,7 @@ from typing import Any
 
 import torch
 
+from shardfix.digest import tensor_digest
 from shardfix.errors import BadInputError, InternalError, OutputError
 from shardfix.plan import COMPANIONS, MODEL, OPTIMIZER, OutputFile, OutputTensor, Plan
 from shardfix.reconcile.ops import apply_ops
@@ -61,27 +64,108 @@ def file_from_dict(d: dict[str, Any]) -> OutputFile:
     return OutputFile(d["name"], d["set"], [OutputTensor(**t) for t in d["tensors"]], d.get("metadata", {}))
 
 
+def _hooks(ctx: dict[str, Any], name: str) -> float:
+    """Test hooks, set from ``SHARDFIX_TEST_*`` variables in the driver; return a delay.
+
+    ``pid_dir``: write ``NAME.pid`` with this process's pid; ``fail_once_dir``: the first
+    attempt at each file fails with an I/O error (EIO); ``delay``: seconds to pause after the
+    first tensor, so a test can interrupt a task mid-write.
+    """
+    hooks = ctx.get("hooks") or {}
+    if hooks.get("pid_dir"):
+        pid_dir = Path(hooks["pid_dir"])
+        tmp = pid_dir / f".{name}.pid.tmp-{os.getpid()}"
+        tmp.write_text(str(os.getpid()))
+        os.replace(tmp, pid_dir / f"{name}.pid")
+    if hooks.get("fail_once_dir"):
+        marker = Path(hooks["fail_once_dir"]) / f"{name}.failed"
+        try:
+            marker.touch(exist_ok=False)
+        except FileExistsError:
+            pass
+        else:
+            raise OSError(errno.EIO, f"injected I/O error writing {name} (SHARDFIX_TEST_FAIL_ONCE_DIR)")
+    return float(hooks.get("delay") or 0)
+
+
+def _staged_here(staging: Path, of: OutputFile) -> dict[str, Any] | None:
+    """A file this run already staged (a task rerun after its worker died), else None."""
+    sidecar = staging / f"{of.name}.done.json"
+    if not sidecar.is_file() or not (staging / of.name).is_file():
+        return None
+    try:
+        done = json.loads(sidecar.read_text())
+    except ValueError:
+        return None
+    if done.get("fingerprint") != of.fingerprint() or file_checksum(staging / of.name) != done.get("checksum"):
+        return None
+    return done
+
+
+def check_cuda_here() -> None:
+    if not torch.cuda.is_available():
+        raise BadInputError(
+            f"--device cuda: no CUDA GPU is visible to torch on {socket.gethostname()} "
+            f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+            "use --device cpu, or run where a GPU and a CUDA build of torch are available"
+        )
+
+
+def verify_by_digest(path: Path, specs: list[TensorSpec], metadata: dict[str, str], digests: dict[str, str],
+                     device: torch.device) -> None:
+    """Re-read ``path``: header bytes compared on the host, each tensor's digest computed on ``device``."""
+    from safetensors import safe_open
+
+    from shardfix.digest import tensor_digest
+    from shardfix.safetensors_io import build_header
+
+    header = build_header(specs, metadata)
+    with path.open("rb") as f:
+        if f.read(len(header)) != header:
+            raise OutputError(f"{path}: re-read header differs from the one written; the disk or filesystem "
+                              "corrupted the write")
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for s in specs:
+            again = tensor_digest(f.get_tensor(s.name).to(device))
+            if again != digests[s.name]:
+                raise OutputError(f"{path}: tensor {s.name} re-read with digest {again}, written as "
+                                  f"{digests[s.name]}; the copy from {device} or the write was corrupted")
+
+
 def write_file_task(ctx: dict[str, Any], file: dict[str, Any]) -> dict[str, Any]:
     """Write one planned output file into the staging directory; return what was written.
 
     Args:
-        ctx: ``source``, ``format``, ``trust_pickle``, ``staging``, ``device``, ``verify``.
+        ctx: ``source``, ``format``, ``trust_pickle``, ``staging``, ``device``, ``verify``,
+            optionally ``verify_mode`` (``xxh3``: re-read and hash the file on the host;
+            ``digest``: re-read and compare per-tensor digests on the device; default
+            ``digest`` for cuda) and ``hooks`` (tests).
         file: an :class:`OutputFile` as a dict.
     """
     t0 = time.perf_counter()
     of = file_from_dict(file)
+    staging = Path(ctx["staging"])
+    again = _staged_here(staging, of)
+    if again is not None:
+        return {**again, "reused": True}
+    delay = _hooks(ctx, of.name)
+    device = torch.device(ctx.get("device", "cpu"))
+    if device.type == "cuda":
+        check_cuda_here()
+    verify_mode = ctx.get("verify_mode") or ("digest" if device.type == "cuda" else "xxh3")
     src = _open_cached(ctx["source"], ctx["format"], ctx.get("trust_pickle", False))
     comp = ctx.get("companions")
-    device = torch.device(ctx.get("device", "cpu"))
-    staging = Path(ctx["staging"])
     specs = [TensorSpec(t.name, t.dtype, tuple(t.shape)) for t in of.tensors]
-    read_s = 0.0
+    digests: dict[str, str] = {}
+    read_s = compute_s = 0.0
     last_key: tuple[str, str] | None = None
     last: torch.Tensor | None = None
     with StreamingWriter(staging / of.name, specs, of.metadata) as writer:
-        for t in of.tensors:
+        for i, t in enumerate(of.tensors):
             if t.ops and t.ops[0]["op"] == "value":
                 tensor = apply_ops(None, t.ops)
+                if device.type == "cuda":
+                    tensor = tensor.to(device)
             else:
                 if (t.origin, t.source) != last_key:
                     last = None  # drop the previous tensor before reading the next
@@ -92,25 +176,45 @@ def write_file_task(ctx: dict[str, Any], file: dict[str, Any]) -> dict[str, Any]
                     last_key = (t.origin, t.source)
                     if device.type == "cuda":
                         last = last.to(device, non_blocking=False)
+                c0 = time.perf_counter()
                 tensor = apply_ops(last, t.ops)
-                if device.type == "cuda":
-                    tensor = tensor.contiguous().cpu()
+                compute_s += time.perf_counter() - c0
+            if verify_mode == "digest":
+                c0 = time.perf_counter()
+                digests[t.name] = tensor_digest(tensor)
+                compute_s += time.perf_counter() - c0
+            if tensor.device.type != "cpu":
+                tensor = tensor.contiguous().cpu()
             writer.write(t.name, tensor)
             del tensor
+            if delay and i == 0:
+                time.sleep(delay)  # test hook: be mid-write when killed
         last = None
         written = writer.finish()
     result = asdict(written)
     result.update(set=of.set, fingerprint=of.fingerprint())
+    v0 = time.perf_counter()
     if ctx.get("verify", True):
-        again = file_checksum(staging / of.name)
-        if again != written.checksum:
-            (staging / of.name).unlink(missing_ok=True)
-            raise OutputError(
-                f"{staging / of.name}: re-read checksum {again} differs from the bytes written "
-                f"({written.checksum}); the disk or filesystem corrupted the write"
-            )
+        if verify_mode == "digest":
+            try:
+                verify_by_digest(staging / of.name, specs, of.metadata, digests, device)
+            except OutputError:
+                (staging / of.name).unlink(missing_ok=True)
+                raise
+        else:
+            again_sum = file_checksum(staging / of.name)
+            if again_sum != written.checksum:
+                (staging / of.name).unlink(missing_ok=True)
+                raise OutputError(
+                    f"{staging / of.name}: re-read checksum {again_sum} differs from the bytes written "
+                    f"({written.checksum}); the disk or filesystem corrupted the write"
+                )
+    result["verified"] = verify_mode if ctx.get("verify", True) else None
     result["seconds"] = round(time.perf_counter() - t0, 4)
     result["read_seconds"] = round(read_s, 4)
+    result["compute_seconds"] = round(compute_s, 4)
+    result["verify_seconds"] = round(time.perf_counter() - v0, 4)
+    result["device"] = str(device)
     write_json_atomic(staging / f"{of.name}.done.json", result)
     return result
 
@@ -171,11 +275,14 @@ def staged_result(out: Path, of: OutputFile) -> dict[str, Any] | None:
 
 
 def choose_executor(plan: Plan, requested: str, workers: int | None, ray_address: str | None) -> tuple[str, str]:
-    """Pick ``inline`` or ``ray`` for ``--executor auto`` and say why."""
+    """Pick ``inline`` or ``ray`` for ``--executor auto`` and say why.
+
+    ``ray_address`` is the effective address: ``--ray-address`` or ``RAY_ADDRESS``.
+    """
     if requested != "auto":
         return requested, f"--executor {requested}"
     if ray_address:
-        return "ray", "--ray-address given: run on that cluster"
+        return "ray", f"Ray cluster at {ray_address} (--ray-address or RAY_ADDRESS): run on it"
     n_files = len(plan.files)
     cpus = os.cpu_count() or 1
     if n_files < 2:
@@ -189,31 +296,57 @@ def choose_executor(plan: Plan, requested: str, workers: int | None, ray_address
 
 
 class Progress:
-    """One byte-weighted progress line on a terminal; periodic log lines otherwise."""
+    """One byte-weighted progress bar on a terminal; a log line every ``interval`` seconds otherwise.
 
-    def __init__(self, total: int, enabled: bool | None) -> None:
-        self.total = max(total, 1)
-        self.done = 0
-        self.tty = sys.stderr.isatty() if enabled is None else enabled
+    ``enabled``: True forces the bar, False turns progress output off, None picks by ``isatty``.
+    """
+
+    def __init__(self, total: int, enabled: bool | None, *, already: int = 0, interval: float = 10.0,
+                 stream: Any = None) -> None:
+        self.stream = stream or sys.stderr
+        self.total = max(total + already, 1)
+        self.done = already
+        self.off = enabled is False
+        self.tty = (enabled is True) or (enabled is None and self.stream.isatty())
+        self.interval = interval
         self.t0 = time.perf_counter()
         self._last_log = self.t0
+        self._fresh = 0  # bytes written by this run (the rate excludes resumed bytes)
+        self.width = shutil.get_terminal_size((100, 20)).columns if self.tty else 100
 
     def advance(self, nbytes: int, label: str) -> None:
         self.done += nbytes
+        self._fresh += nbytes
+        if self.off:
+            return
         frac = min(self.done / self.total, 1.0)
         elapsed = time.perf_counter() - self.t0
-        rate = self.done / elapsed / 1e6 if elapsed > 0 else 0.0
+        rate = self._fresh / elapsed if elapsed > 0 else 0.0
+        left = (self.total - self.done) / rate if rate > 0 else 0.0
         if self.tty:
-            bar = "#" * int(frac * 30)
-            sys.stderr.write(f"\r[{bar:<30}] {frac:6.1%} {rate:8.1f} MB/s {label[:40]:<40}")
-            sys.stderr.flush()
-        elif time.perf_counter() - self._last_log > 10 or frac >= 1.0:
-            log.info("progress %.1f%% (%d/%d bytes, %.1f MB/s): %s", frac * 100, self.done, self.total, rate, label)
+            bar_w = max(10, min(30, self.width - 70))
+            bar = "#" * int(frac * bar_w)
+            line = (f"[{bar:<{bar_w}}] {frac:6.1%} {_fmt_bytes(self.done)}/{_fmt_bytes(self.total)} "
+                    f"{rate / 1e6:7.1f} MB/s eta {left:5.0f}s {label}")
+            self.stream.write("\r" + line[: self.width - 1].ljust(self.width - 1))
+            self.stream.flush()
+        elif time.perf_counter() - self._last_log >= self.interval or frac >= 1.0:
+            log.info("progress %.1f%% (%s of %s, %.1f MB/s, eta %.0fs): %s", frac * 100, _fmt_bytes(self.done),
+                     _fmt_bytes(self.total), rate / 1e6, left, label)
             self._last_log = time.perf_counter()
 
     def close(self) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
+        if self.tty and not self.off:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 def run_inline(ctx: dict[str, Any], files: list[OutputFile], progress: Progress) -> list[dict[str, Any]]:
@@ -226,13 +359,13 @@ def run_inline(ctx: dict[str, Any], files: list[OutputFile], progress: Progress)
 
 def run_files(
     plan: Plan, ctx: dict[str, Any], files: list[OutputFile], kind: str, workers: int | None,
-    ray_address: str | None, progress: Progress,
+    ray_address: str | None, progress: Progress, info: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     if kind == "inline" or not files:
         return run_inline(ctx, files, progress)
     from shardfix.ray_exec import run_ray
 
-    return run_ray(ctx, files, workers=workers, address=ray_address, progress=progress)
+    return run_ray(ctx, files, workers=workers, address=ray_address, progress=progress, info=info)
 
 
 # -- finish -------------------------------------------------------------------------------------
@@ -262,9 +395,27 @@ def finish(out: Path, plan: Plan, results: dict[str, dict[str, Any]]) -> list[di
     return outputs
 
 
-def check_device(device: str) -> None:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BadInputError("--device cuda: no CUDA GPU is visible to torch here; use --device cpu")
+def effective_address(opts: Any) -> str | None:
+    from shardfix.ray_exec import resolve_address
+
+    return resolve_address(opts.ray_address) if opts.executor != "inline" else None
+
+
+def check_device(opts: Any) -> None:
+    """Fail early (exit 2) when ``--device cuda`` will run on this machine and it has no GPU.
+
+    On a Ray cluster the check is the cluster's GPU count, made once connected.
+    """
+    if opts.device != "cuda":
+        return
+    if opts.executor == "inline" or not effective_address(opts):
+        check_cuda_here()
+
+
+def _test_hooks() -> dict[str, Any] | None:
+    hooks = {"pid_dir": os.environ.get("SHARDFIX_TEST_PID_DIR"), "delay": os.environ.get("SHARDFIX_TEST_TASK_DELAY"),
+             "fail_once_dir": os.environ.get("SHARDFIX_TEST_FAIL_ONCE_DIR")}
+    return hooks if any(hooks.values()) else None
 
 
 def execute(plan: Plan, out: Path, opts: Any) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, float]]:
@@ -272,15 +423,18 @@ def execute(plan: Plan, out: Path, opts: Any) -> tuple[list[dict[str, Any]], dic
 
     The caller writes the report (also on failure).
     """
-    check_device(opts.device)
+    check_device(opts)
     drop_cached_sources()  # a source opened by an earlier run in this process may have changed since
     staging = out / STAGING
     staging.mkdir(exist_ok=True)
-    kind, why = choose_executor(plan, opts.executor, opts.workers, opts.ray_address)
-    ctx = {
-        "source": plan.source["path"], "format": plan.source["format"], "trust_pickle": opts.trust_pickle,
-        "staging": str(staging), "device": opts.device, "verify": opts.verify,
-        "companions": plan.source.get("companions"),
+    address = effective_address(opts)
+    kind, why = choose_executor(plan, opts.executor, opts.workers, address)
+    comp = plan.source.get("companions")
+    ctx: dict[str, Any] = {
+        "source": str(Path(plan.source["path"]).resolve()), "format": plan.source["format"],
+        "trust_pickle": opts.trust_pickle, "staging": str(staging.resolve()), "device": opts.device,
+        "verify": opts.verify, "hooks": _test_hooks(),
+        "companions": {**comp, "path": str(Path(comp["path"]).resolve())} if comp else None,
     }
     results: dict[str, dict[str, Any]] = {}
     todo: list[OutputFile] = []
@@ -292,10 +446,14 @@ def execute(plan: Plan, out: Path, opts: Any) -> tuple[list[dict[str, Any]], dic
             resumed += 1
         else:
             todo.append(of)
-    progress = Progress(sum(f.nbytes for f in todo), opts.progress)
+    if resumed:
+        log.info("resume: %d of %d files already written and verified; writing %d", resumed, len(plan.files), len(todo))
+    progress = Progress(sum(f.nbytes for f in todo), opts.progress,
+                        already=sum(f.nbytes for f in plan.files if f.name in results))
+    info: dict[str, Any] = {}
     t0 = time.perf_counter()
     try:
-        for r in run_files(plan, ctx, todo, kind, opts.workers, opts.ray_address, progress):
+        for r in run_files(plan, ctx, todo, kind, opts.workers, address, progress, info):
             results[r["name"]] = r
     finally:
         progress.close()
@@ -306,5 +464,7 @@ def execute(plan: Plan, out: Path, opts: Any) -> tuple[list[dict[str, Any]], dic
     t1 = time.perf_counter()
     outputs = finish(out, plan, results)
     executor = {"kind": kind, "why": why, "workers": opts.workers, "device": opts.device,
-                "resumed_files": resumed, "written_files": len(todo)}
+                "resumed_files": resumed, "written_files": len(todo), **info}
+    if kind == "ray":
+        executor["address"] = address or "local instance"
     return outputs, executor, {"write": round(t_write, 4), "finish": round(time.perf_counter() - t1, 4)}

@@ -75,9 +75,11 @@ def apply_ops(t: torch.Tensor | None, ops: list[Op]) -> torch.Tensor:
             shape = list(t.shape)
             shape[dim] = extra
             if op["fill"] == "mean":
-                pad = t.float().mean(dim=dim, keepdim=True).to(t.dtype).expand(shape)
+                # on the host wherever ``t`` lives: a GPU's reduction order would change the bytes
+                mean = t.detach().cpu().float().mean(dim=dim, keepdim=True).to(t.dtype)
+                pad = mean.to(t.device).expand(shape)
             else:
-                pad = torch.zeros(shape, dtype=t.dtype)
+                pad = torch.zeros(shape, dtype=t.dtype, device=t.device)
             t = torch.cat([t, pad], dim=dim)
         else:  # pragma: no cover - plans are built by shardfix
             raise ValueError(f"unknown op {kind!r}")

@@ -1,0 +1,22 @@
+"""Comparing finished output directories byte for byte (the report, which holds timings, aside)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from shardfix.report import REPORT_NAME
+
+
+def output_bytes(out: Path) -> dict[str, bytes]:
+    """Every file of a finished output except the report."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != REPORT_NAME}
+
+
+def assert_same_output(out: Path, ref: dict[str, bytes]) -> None:
+    got = output_bytes(out)
+    assert sorted(got) == sorted(ref), f"files differ: {sorted(set(got) ^ set(ref))}"
+    differing = [name for name in ref if got[name] != ref[name]]
+    assert not differing, f"bytes differ in {differing}"
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert report["status"] == "complete"
