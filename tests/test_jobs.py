@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
-from _outputs import assert_same_output, output_bytes
-from conftest import ROOT, run_cli
 
 from shardfix.api import convert
 from shardfix.errors import BadInputError
 from shardfix.jobs import exit_code_of, job_server_address, job_toml, load_job
 from shardfix.options import ConvertOptions
+from tests._outputs import assert_same_output, output_bytes
+from tests.conftest import ROOT, run_cli
 
 EXAMPLES = sorted((ROOT / "jobs").glob("*.toml"))
 

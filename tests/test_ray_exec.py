@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from _outputs import assert_same_output, output_bytes
-from conftest import ROOT, run_cli
 
 from shardfix.api import convert
 from shardfix.execute import STAGING, Progress, write_file_task
 from shardfix.options import ConvertOptions
 from shardfix.report import REPORT_NAME
+from tests._outputs import assert_same_output, output_bytes
+from tests.conftest import ROOT, run_cli
 
 OPTS = {"vocab_size": 1000, "max_shard_size": "64KB"}  # ~16 output files from the FSDP fixture
 CLI_OPTS = ["--vocab-size", "1000", "--max-shard-size", "64KB", "--no-progress"]

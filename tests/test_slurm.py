@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-from _outputs import assert_same_output, output_bytes
-from conftest import ROOT
 
 from shardfix.api import convert
 from shardfix.options import ConvertOptions
+from tests._outputs import assert_same_output, output_bytes
+from tests.conftest import ROOT
 
 SBATCH = ROOT / "scripts" / "slurm" / "shardfix.sbatch"
 
