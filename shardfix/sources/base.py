@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
 
@@ -34,6 +34,15 @@ class Chunk:
     @property
     def numel(self) -> int:
         return numel(self.sizes)
+
+
+class ByteRange(NamedTuple):
+    """``nbytes`` bytes at ``offset`` of the open file ``fd`` (``origin`` names it in errors)."""
+
+    fd: int
+    offset: int
+    nbytes: int
+    origin: Path
 
 
 @dataclass(slots=True)
@@ -97,6 +106,10 @@ class Source(Protocol):
         ...
 
     def close(self) -> None: ...
+
+    # Optional: ``byte_ranges(key) -> list[ByteRange] | None`` -- the tensor's row-major bytes as
+    # runs of its files, in order, or None when they are not stored that plainly. Executors
+    # stream such tensors from the source file into the output file without assembling them.
 
 
 def join_key(path: tuple[PathPart, ...]) -> str:
