@@ -14,12 +14,17 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! python -c "import torch" >/dev/null 2>&1; then
   echo "setup: installing torch==2.13.0 (CPU)" >&2
-  pip install -q torch==2.13.0
+  pip install -q torch==2.13.0 || { echo "setup: pip install torch==2.13.0 failed" >&2; exit 1; }
 fi
 stamp="$VENV/.shardfix-$(cat "$ROOT/pyproject.toml" | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   echo "setup: installing shardfix and its test dependencies" >&2
-  pip install -q -e "$ROOT[test]"
+  log="$VENV/install.log"
+  if ! pip install -q -e "$ROOT[test]" >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "setup: installing shardfix failed (log above, also in $log)" >&2
+    exit 1
+  fi
   touch "$stamp"
 fi
 cd "$ROOT"

@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from shardfix.errors import ShardfixError
-from shardfix.execute import STAGING, execute, prepare_output
+from shardfix.execute import execute, prepare_output
 from shardfix.options import ConvertOptions
 from shardfix.plan import Plan, build_plan
 from shardfix.report import REPORT_NAME, build_report
 from shardfix.safetensors_io import write_json_atomic
 from shardfix.sources import open_source
 from shardfix.sources.base import SourceIndex
-from shardfix.targets import Targets
+from shardfix.target_sources import merge_targets
 
 log = logging.getLogger(__name__)
 
@@ -26,16 +26,17 @@ def load_index(src: str | Path, opts: ConvertOptions | None = None) -> SourceInd
     trust = bool(opts and opts.trust_pickle)
     source = open_source(src, trust_pickle=trust)
     try:
-        return source.index
+        index = source.index
     finally:
         source.close()
+    for note in pickle_warnings(index):
+        log.warning("warning: %s", note)
+    return index
 
 
-def resolve_targets(opts: ConvertOptions, index: SourceIndex | None = None) -> Targets:
-    """Merge every target source the options name (vocab, tokenizer, configs, shapes, model)."""
-    from shardfix.target_sources import merge_targets
-
-    return merge_targets(opts)
+def pickle_warnings(index: SourceIndex) -> list[str]:
+    """Notes saying that full unpickling was used (--trust-pickle) or refused for some entries."""
+    return [n for n in index.notes if n.startswith("--trust-pickle:") or "only full unpickling can read" in n]
 
 
 def plan_conversion(src: str | Path, opts: ConvertOptions | None = None) -> Plan:
@@ -43,11 +44,26 @@ def plan_conversion(src: str | Path, opts: ConvertOptions | None = None) -> Plan
     opts = opts or ConvertOptions()
     t0 = time.perf_counter()
     index = load_index(src, opts)
+    companions = load_index(opts.companions) if opts.companions else None
     t1 = time.perf_counter()
-    plan = build_plan(index, opts, resolve_targets(opts, index))
+    plan = build_plan(index, opts, merge_targets(opts), companions)
+    plan.warnings.extend(pickle_warnings(index))
     plan.findings["timings"] = {"index": round(t1 - t0, 4), "plan": round(time.perf_counter() - t1, 4)}
     log.debug("indexed %s in %.2fs, planned in %.2fs", src, t1 - t0, time.perf_counter() - t1)
     return plan
+
+
+def add_evidence(plan: Plan, src: str | Path, opts: ConvertOptions) -> None:
+    """Read the few tensors evidence needs and record findings and warnings on the plan."""
+    from shardfix.evidence import gather_evidence
+
+    source = open_source(src, trust_pickle=opts.trust_pickle)
+    try:
+        findings, warnings = gather_evidence(plan, source)
+    finally:
+        source.close()
+    plan.findings["evidence"] = findings
+    plan.warnings.extend(warnings)
 
 
 def convert(src: str | Path, out: str | Path, opts: ConvertOptions | None = None) -> dict[str, Any]:
@@ -61,6 +77,7 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions | None = None
     out = Path(out)
     t0 = time.perf_counter()
     plan = plan_conversion(src, opts)
+    add_evidence(plan, src, opts)
     t_plan = time.perf_counter() - t0
     prepare_output(out, overwrite=opts.overwrite, resume=opts.resume)
     (out / REPORT_NAME).unlink(missing_ok=True)
@@ -86,4 +103,4 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions | None = None
     return report
 
 
-__all__ = ["convert", "plan_conversion", "load_index", "STAGING"]
+__all__ = ["convert", "plan_conversion", "load_index", "add_evidence"]

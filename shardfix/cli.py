@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-config", help="HF config.json giving heads and head_dim")
     p.add_argument("--profile", help="checkpoint profile (default: detected)")
     p.add_argument("--trust-pickle", action="store_true")
+    p.add_argument("--no-evidence", action="store_true",
+                   help="metadata only: do not read embedding moments and small vectors for evidence")
 
     p = sub.add_parser("plan", help="print the conversion plan without reading tensor data")
     p.add_argument("src")
@@ -94,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="re-read an output directory and check it against its report")
     p.add_argument("out")
     p.add_argument("--against", help="also recompute every tensor from this source")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow full unpickling of the --against source (runs code in it; never read from the report)")
     p.add_argument("--json", action="store_true")
     return parser
 
@@ -104,12 +108,38 @@ def _options(args: argparse.Namespace) -> ConvertOptions:
     return ConvertOptions(**kw)
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if chr(c) not in "\n\t"}
+
+
+def printable(text: str) -> str:
+    """Escape control characters (a crafted key or global name must not drive the terminal)."""
+    return text.translate(_CONTROL)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from shardfix.api import load_index
     from shardfix.inspect import format_inspection, inspect_index
 
-    index = load_index(args.src, ConvertOptions(trust_pickle=args.trust_pickle))
+    opts = ConvertOptions(trust_pickle=args.trust_pickle)
+    index = load_index(args.src, opts)
     info = inspect_index(index)
+    if not args.no_evidence:
+        from shardfix.api import add_evidence
+        from shardfix.plan import build_plan
+
+        plan = build_plan(index, ConvertOptions(trust_pickle=args.trust_pickle, no_optimizer=False))
+        add_evidence(plan, args.src, opts)
+        info["evidence"] = plan.findings["evidence"]
+        ev = info["evidence"]
+        extra = info.setdefault("extra", {})
+        for v in ev["vocab_rows"]:
+            extra[f"vocab rows ({v['tensor']})"] = (f"{v['rows']} rows; {v['untrained_rows']} never trained (all-zero "
+                                                    f"{v['moment'].rsplit('.', 1)[-1]}); trained rows end at "
+                                                    f"{v['trailing_untrained_from']} -> true vocab likely <= "
+                                                    f"{v['likely_vocab_at_most']}")
+        for v in ev["padding_vectors"]:
+            extra[f"padding ({v['tensor']})"] = (f"length {v['length']}, {v['trailing_ones']} trailing ones; implied "
+                                                 f"world sizes {v['implied_world_sizes'][:8]}")
     print(json.dumps(info, indent=2, default=str) if args.json else format_inspection(info))
     return 0
 
@@ -144,12 +174,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from shardfix.verify import verify_output
 
-    problems, stats = verify_output(args.out, args.against)
+    problems, stats = verify_output(args.out, args.against, trust_pickle=args.trust_pickle)
     if args.json:
         print(json.dumps({"ok": not problems, "problems": problems, **stats}, indent=2))
     else:
         for p in problems:
-            print(f"problem: {p}")
+            print(f"problem: {printable(p)}")
         verdict = "OK" if not problems else f"{len(problems)} problem(s)"
         print(f"verify {args.out}: {verdict} ({stats['files']} files, {stats['tensors']} tensors, "
               f"{stats['bytes']:,} bytes re-read" + (", compared with the source" if args.against else "") + ")")
@@ -169,15 +199,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except ShardfixError as e:
-        print(f"shardfix: error: {e}", file=sys.stderr)
+        print(f"shardfix: error: {printable(str(e))}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # the reader (e.g. `| head`) stopped reading: not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("shardfix: interrupted; rerun convert with --resume to finish", file=sys.stderr)
         return 130
     except Exception as e:  # an internal failure: exit 1, traceback only when asked
         if args.verbose or os.environ.get("SHARDFIX_DEBUG"):
             raise
-        print(f"shardfix: internal error: {type(e).__name__}: {e} (rerun with -v for the traceback; "
+        print(f"shardfix: internal error: {type(e).__name__}: {printable(str(e))} (rerun with -v for the traceback; "
               "please report it)", file=sys.stderr)
         return 1
 

@@ -28,7 +28,7 @@ import torch
 
 from shardfix.dtypes import itemsize
 from shardfix.errors import BadInputError, InternalError, OutputError
-from shardfix.plan import MODEL, OPTIMIZER, OutputFile, OutputTensor, Plan
+from shardfix.plan import COMPANIONS, MODEL, OPTIMIZER, OutputFile, OutputTensor, Plan
 from shardfix.reconcile.ops import apply_ops, byte_window
 from shardfix.report import REPORT_NAME
 from shardfix.safetensors_io import StreamingWriter, TensorSpec, file_checksum, index_json, write_json_atomic
@@ -55,6 +55,13 @@ def _open_cached(path: str, fmt: str, trust_pickle: bool) -> Any:
     return src
 
 
+def drop_cached_sources() -> None:
+    """Close the sources tasks of this process opened (the next task reopens them)."""
+    for s in _SOURCES.values():
+        s.close()
+    _SOURCES.clear()
+
+
 def file_from_dict(d: dict[str, Any]) -> OutputFile:
     return OutputFile(d["name"], d["set"], [OutputTensor(**t) for t in d["tensors"]], d.get("metadata", {}))
 
@@ -74,7 +81,7 @@ def stream_ranges(src: Any, entries: dict[str, Any], t: OutputTensor) -> list[By
     """Where ``t``'s bytes lie in the source files, when it can be copied rather than computed."""
     entry = entries.get(t.source)
     byte_ranges = getattr(src, "byte_ranges", None)
-    if entry is None or byte_ranges is None or t.dtype != entry.dtype:
+    if getattr(t, "origin", "source") != "source" or entry is None or byte_ranges is None or t.dtype != entry.dtype:
         return None
     window = byte_window(tuple(entry.shape), itemsize(entry.dtype), t.ops)
     if window is None or window[1] - window[0] != t.nbytes:
@@ -93,12 +100,13 @@ def write_file_task(ctx: dict[str, Any], file: dict[str, Any]) -> dict[str, Any]
     t0 = time.perf_counter()
     of = file_from_dict(file)
     src = _open_cached(ctx["source"], ctx["format"], ctx.get("trust_pickle", False))
+    comp = ctx.get("companions")
     device = torch.device(ctx.get("device", "cpu"))
     staging = Path(ctx["staging"])
     specs = [TensorSpec(t.name, t.dtype, tuple(t.shape)) for t in of.tensors]
     read_s = 0.0
     streamed = 0
-    last_key: str | None = None
+    last_key: tuple[str, str] | None = None
     last: torch.Tensor | None = None
     entries = {e.key: e for e in src.index.tensors()}
     with StreamingWriter(staging / of.name, specs, of.metadata) as writer:
@@ -111,12 +119,13 @@ def write_file_task(ctx: dict[str, Any], file: dict[str, Any]) -> dict[str, Any]
             if t.ops and t.ops[0]["op"] == "value":
                 tensor = apply_ops(None, t.ops)
             else:
-                if t.source != last_key:
+                if (t.origin, t.source) != last_key:
                     last = None  # drop the previous tensor before reading the next
                     r0 = time.perf_counter()
-                    last = src.read_tensor(t.source)
+                    reader = src if t.origin == "source" else _open_cached(comp["path"], comp["format"], False)
+                    last = reader.read_tensor(t.source)
                     read_s += time.perf_counter() - r0
-                    last_key = t.source
+                    last_key = (t.origin, t.source)
                     if device.type == "cuda":
                         last = last.to(device, non_blocking=False)
                 tensor = apply_ops(last, t.ops)
@@ -300,7 +309,7 @@ def finish(out: Path, plan: Plan, results: dict[str, dict[str, Any]]) -> list[di
             t["source"] = planned[t["name"]].source
             t["ops"] = planned[t["name"]].ops
         outputs.append(done)
-    for kind in (MODEL, OPTIMIZER):
+    for kind in (MODEL, OPTIMIZER, COMPANIONS):
         fs = plan.files_of(kind)
         if len(fs) > 1:
             weight_map = {t.name: f.name for f in fs for t in f.tensors}
@@ -323,12 +332,14 @@ def execute(plan: Plan, out: Path, opts: Any) -> tuple[list[dict[str, Any]], dic
     The caller writes the report (also on failure).
     """
     check_device(opts.device)
+    drop_cached_sources()  # a source opened by an earlier run in this process may have changed since
     staging = out / STAGING
     staging.mkdir(exist_ok=True)
     kind, why = choose_executor(plan, opts.executor, opts.workers, opts.ray_address)
     ctx = {
         "source": plan.source["path"], "format": plan.source["format"], "trust_pickle": opts.trust_pickle,
         "staging": str(staging), "device": opts.device, "verify": opts.verify,
+        "companions": plan.source.get("companions"),
     }
     results: dict[str, dict[str, Any]] = {}
     todo: list[OutputFile] = []

@@ -92,6 +92,7 @@ def summarize(report: dict[str, Any]) -> str:
     lines.append(
         f"time: {t['seconds']:.2f} s on {ex.get('kind', '?')} executor"
         + (f" ({ex.get('workers')} workers)" if ex.get("workers") else "")
+        + (f" [{ex['why']}]" if ex.get("why") else "")
         + (f", {t['written_gb_per_s']:.3f} GB/s written" if t.get("written_gb_per_s") else "")
     )
     for w in report["warnings"][:10]:

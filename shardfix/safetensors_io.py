@@ -13,11 +13,14 @@ and the write. The file is written under a temporary name, fsynced and renamed; 
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import sys
 import threading
+import zlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +35,8 @@ HASH_NAME = "xxh3_64"
 #: Bytes moved per step: small enough that a block read from the source is still in the CPU
 #: cache when it is hashed twice and written (measured: 1 MiB beats 8-32 MiB by ~25%).
 BLOCK = 1 << 20
+#: Buffers in flight between reading and the CRC-32 thread.
+RING = 4
 #: Start the disk writing what has been written so far every this many bytes, so the final
 #: fsync waits for the tail only and the disk works while the CPU hashes and copies.
 WRITEBACK_STEP = 4 << 20
@@ -88,11 +93,30 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     flat = t.reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
+    if flat.stride(0) != 1:  # a 1-element view counts as contiguous but may keep its parent's stride
+        flat = flat.clone(memory_format=torch.contiguous_format)
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
 def tensor_checksum(t: torch.Tensor) -> str:
     return xxhash.xxh3_64_hexdigest(tensor_bytes(t.contiguous()))
+
+
+class _Crc:
+    """A running CRC-32 fed in order by one helper thread."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, block: memoryview) -> None:
+        self.value = zlib.crc32(block, self.value)
+
+    def result(self, pool: ThreadPoolExecutor | None) -> int:
+        if pool is not None:
+            pool.submit(int).result()  # jobs run in order: this one runs after every update
+        return self.value
 
 
 def _write_all(fd: int, data: memoryview) -> None:
@@ -130,7 +154,10 @@ class StreamingWriter:
         self._next = 0
         self._file_hash = xxhash.xxh3_128()
         self._written: list[WrittenTensor] = []
-        self._buf: memoryview | None = None
+        self._ring: list[memoryview] = []  # BLOCK-sized buffers for write_ranges, reused
+        self._busy: list[Future[None] | None] = []  # per buffer: the CRC job still reading it
+        self._turn = 0
+        self._crc_pool: ThreadPoolExecutor | None = None
         self._flushed = 0
         header = build_header(specs, metadata)
         try:
@@ -139,15 +166,17 @@ class StreamingWriter:
             try:
                 os.posix_fallocate(self._fd, 0, total) if total else None
             except OSError as e:
-                if e.errno == 28:
+                if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                     raise
         except OSError as e:
             self._cleanup()
-            raise OutputError(f"{path}: cannot write ({e.strerror}); free space or pick another directory") from e
+            raise OutputError(f"{path}: cannot write {len(header) + sum(s.nbytes for s in specs):,} bytes "
+                              f"({e.strerror}); free space (or raise the quota or file-size limit) and rerun with "
+                              "--resume") from e
         self._bytes = 0
         self._emit(memoryview(header))
 
-    def _emit(self, data: memoryview, tensor_hash: xxhash.xxh3_64 | None = None) -> None:
+    def _emit(self, data: memoryview, tensor_hash: xxhash.xxh3_64 | None = None, what: str = "the header") -> None:
         """Hash (file and tensor) and write ``data`` block by block."""
         for i in range(0, len(data), BLOCK):
             block = data[i : i + BLOCK]
@@ -157,7 +186,8 @@ class StreamingWriter:
             try:
                 _write_all(self._fd, block)
             except OSError as e:
-                raise OutputError(f"{self.path}: write failed ({e.strerror}); free space and rerun with --resume") from e
+                raise OutputError(f"{self.path}: write failed at {what} ({e.strerror}); free space and rerun with "
+                                  "--resume") from e
             self._bytes += len(block)
             if _start_writeback is not None and self._bytes - self._flushed >= WRITEBACK_STEP:
                 _start_writeback(self._fd, self._flushed, self._bytes - self._flushed)  # a hint: errors ignored
@@ -182,37 +212,78 @@ class StreamingWriter:
         """Write the next tensor; it must match the header's next spec exactly."""
         spec = self._next_spec(name, st_name(t.dtype), tuple(t.shape))
         h = xxhash.xxh3_64()
-        self._emit(tensor_bytes(t.contiguous()), h)
+        self._emit(tensor_bytes(t.contiguous()), h, f"tensor {name}")
         return self._done(spec, h)
 
     def write_ranges(self, name: str, dtype: str, shape: tuple[int, ...], ranges: Sequence[ByteRange]) -> WrittenTensor:
         """Write the next tensor by copying its bytes from source files, in order.
 
         The bytes pass through one reused :data:`BLOCK`-sized buffer: memory does not grow with
-        the tensor, and nothing is assembled.
+        the tensor, and nothing is assembled. A range with a :class:`MemberCheck` has the
+        CRC-32 of its zip member checked on the way (the part of the member outside the range,
+        such as trimmed vocab rows, is read for the check only).
         """
         spec = self._next_spec(name, dtype, shape)
         if sum(r.nbytes for r in ranges) != spec.nbytes:
             raise InternalError(f"{self.path}: byte ranges for {name} do not add up to {spec.nbytes} bytes")
-        if self._buf is None:
-            self._buf = memoryview(bytearray(BLOCK))
-        buf, h = self._buf, xxhash.xxh3_64()
+        if not self._ring:
+            self._ring = [memoryview(bytearray(BLOCK)) for _ in range(RING)]
+            self._busy = [None] * RING
+        h = xxhash.xxh3_64()
         for r in ranges:
-            done = 0
-            while done < r.nbytes:
-                want = min(BLOCK, r.nbytes - done)
-                try:
-                    n = os.preadv(r.fd, [buf[:want]], r.offset + done)
-                except OSError as e:
-                    raise IncompleteSourceError(f"{r.origin}: read error for {name}: {e.strerror}") from e
-                if n == 0:
-                    raise IncompleteSourceError(
-                        f"{r.origin}: ends after {r.offset + done} bytes while reading {name} "
-                        f"(needs {r.offset + r.nbytes}); the file is truncated -- copy it again"
-                    )
-                self._emit(buf[:n], h)
-                done += n
+            chk = r.check
+            if chk is None:
+                self._copy(r, r.offset, r.nbytes, name, h, None)
+                continue
+            if not chk.start <= r.offset <= r.offset + r.nbytes <= chk.start + chk.nbytes:
+                raise InternalError(f"{r.origin}: range for {name} lies outside the member that checks it")
+            crc = _Crc()
+            end = r.offset + r.nbytes
+            self._copy(r, chk.start, r.offset - chk.start, name, None, crc)  # bytes trimmed away: CRC only
+            self._copy(r, r.offset, r.nbytes, name, h, crc)
+            self._copy(r, end, chk.start + chk.nbytes - end, name, None, crc)
+            if crc.result(self._crc_pool) != chk.crc32:
+                raise IncompleteSourceError(
+                    f"{r.origin}: the record for {chk.key} is damaged: member {chk.member} fails its CRC-32 "
+                    "check (its bytes changed after torch.save wrote them); copy the file again from the "
+                    "machine that saved it"
+                )
         return self._done(spec, h)
+
+    def _copy(self, r: ByteRange, offset: int, nbytes: int, name: str, h: xxhash.xxh3_64 | None,
+              crc: _Crc | None) -> None:
+        """Read ``nbytes`` at ``offset`` of ``r.fd``; with ``h`` hash and write them, with ``crc`` CRC them.
+
+        The CRC-32 runs on a helper thread (zlib releases the GIL), overlapping the hashing and
+        writing here; a buffer is reused only once its CRC job is done.
+        """
+        done = 0
+        while done < nbytes:
+            slot = self._turn % RING
+            self._turn += 1
+            job = self._busy[slot]
+            if job is not None:
+                job.result()
+                self._busy[slot] = None
+            buf = self._ring[slot]
+            want = min(BLOCK, nbytes - done)
+            try:
+                n = os.preadv(r.fd, [buf[:want]], offset + done)
+            except OSError as e:
+                raise IncompleteSourceError(f"{r.origin}: read error for {name}: {e.strerror}") from e
+            if n == 0:
+                raise IncompleteSourceError(
+                    f"{r.origin}: ends after {offset + done} bytes while reading {name} "
+                    f"(needs {offset + nbytes}); the file is truncated -- copy it again"
+                )
+            block = buf[:n]
+            if crc is not None:
+                if self._crc_pool is None:
+                    self._crc_pool = ThreadPoolExecutor(1, thread_name_prefix="shardfix-crc")
+                self._busy[slot] = self._crc_pool.submit(crc.update, block)
+            if h is not None:
+                self._emit(block, h, f"tensor {name}")
+            done += n
 
     def finish(self, verify: bool = False) -> WrittenFile:
         """fsync, rename into place and return what was written.
@@ -225,6 +296,7 @@ class StreamingWriter:
         """
         if self._next != len(self.specs):
             raise InternalError(f"{self.path}: {len(self.specs) - self._next} planned tensors were not written")
+        self._stop_crc()
         expected = self._file_hash.hexdigest()
         failure: list[OSError] = []
 
@@ -237,7 +309,7 @@ class StreamingWriter:
         syncer = threading.Thread(target=sync, name="shardfix-fsync")
         syncer.start()
         try:
-            again = fd_checksum(self._fd, self._buf) if verify else expected
+            again = fd_checksum(self._fd, self._ring[0] if self._ring else None) if verify else expected
         except OSError as e:
             failure.append(e)
             again = expected
@@ -260,7 +332,13 @@ class StreamingWriter:
             raise OutputError(f"{self.path}: cannot finish ({e.strerror})") from e
         return WrittenFile(self.path.name, self._bytes, expected, self._written)
 
+    def _stop_crc(self) -> None:
+        pool, self._crc_pool = getattr(self, "_crc_pool", None), None
+        if pool is not None:
+            pool.shutdown(wait=True)  # no job may still read a buffer we hand back
+
     def _cleanup(self) -> None:
+        self._stop_crc()
         fd = getattr(self, "_fd", -1)
         if fd >= 0:
             os.close(fd)

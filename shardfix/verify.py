@@ -1,128 +1,405 @@
 """``shardfix verify``: re-read every output tensor and check it against the report and index.
 
+Each output file is read once, front to back (memory: one tensor): its xxh3-128 must match the
+report, its header must list exactly the report's tensors with the report's dtypes and shapes at
+consistent offsets, and each tensor's bytes must match the xxh3-64 the writer recorded -- so a
+flipped byte is named by file and tensor. The ``*.safetensors.index.json`` files must map every
+tensor to its file, the report's ledger must account for every output, and nothing else (a stray
+shard, a leftover staging area) may sit where a loader would pick it up.
+
 With ``--against SRC`` each tensor is also recomputed from the source by applying the ops the
-report's ledger recorded, and compared bit for bit. Every problem is listed; none is fatal to
-the check itself.
+report recorded for it (``outputs.files[].tensors[].ops``) and compared bit for bit, and every
+source entry must appear in the ledger exactly once. Every problem is listed; none stops the
+check.
 """
 
 from __future__ import annotations
 
 import json
+import struct
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import xxhash
-from safetensors import safe_open
 
-from shardfix.errors import BadInputError
+from shardfix.dtypes import itemsize, numel
+from shardfix.errors import BadInputError, ShardfixError
 from shardfix.report import REPORT_NAME
-from shardfix.safetensors_io import file_checksum, tensor_bytes
-from shardfix.sources.safetensors_src import read_header
+from shardfix.safetensors_io import TensorSpec, build_header, tensor_bytes
+
+STAGING = ".shardfix-staging"
+PARAM_GROUPS_NAME = "optimizer_param_groups.json"
+_SETS = ("model", "optimizer", "companions")
+_BLOCK = 16 << 20
 
 
-def verify_output(out: str | Path, against: str | Path | None = None) -> tuple[list[str], dict[str, Any]]:
-    """Return (problems, stats) for the output directory ``out``."""
+def verify_output(
+    out: str | Path, against: str | Path | None = None, *, trust_pickle: bool = False
+) -> tuple[list[str], dict[str, Any]]:
+    """Check the output directory ``out``; return (problems, stats).
+
+    Args:
+        out: a directory ``shardfix convert`` wrote.
+        against: the source checkpoint; when given, every tensor is recomputed from it.
+        trust_pickle: allow full unpickling of ``against`` (never taken from the report).
+
+    Raises:
+        BadInputError: ``out`` has no readable report, so there is nothing to check against.
+    """
     out = Path(out)
-    report_path = out / REPORT_NAME
-    if not report_path.is_file():
-        raise BadInputError(f"{out}: no {REPORT_NAME}; not a finished shardfix output (rerun convert)")
-    try:
-        report = json.loads(report_path.read_text())
-    except ValueError as e:
-        raise BadInputError(f"{report_path}: not valid JSON ({e})") from e
+    report = _load_report(out)
     problems: list[str] = []
-    stats = {"files": 0, "tensors": 0, "bytes": 0}
+    stats: dict[str, Any] = {"files": 0, "tensors": 0, "bytes": 0}
+    files = _report_files(report, out / REPORT_NAME, problems)
     if report.get("status") != "complete":
-        problems.append(f"{report_path}: status is {report.get('status')!r}, not 'complete'")
-    planned = {f["name"]: f for f in report["outputs"]["files"]}
-    for kind in ("model", "optimizer", "companions"):
-        idx = out / f"{kind}.safetensors.index.json"
-        if idx.is_file():
-            data = json.loads(idx.read_text())
-            for name, fname in data.get("weight_map", {}).items():
-                f = planned.get(fname)
-                if f is None or not any(t["name"] == name for t in f["tensors"]):
-                    problems.append(f"{idx.name}: maps {name} to {fname}, which the report does not list for it")
-            total = sum(t_bytes(t) for f in planned.values() if f["set"] == kind for t in f["tensors"])
-            if data.get("metadata", {}).get("total_size") != total:
-                problems.append(f"{idx.name}: total_size {data.get('metadata', {}).get('total_size')} != {total}")
-    sources: Any = None
+        err = f" ({report['error']})" if report.get("error") else ""
+        problems.append(f"{out / REPORT_NAME}: status is {report.get('status')!r}, not 'complete'{err}")
+    _check_directory(out, files, report, problems)
+    _check_ledger(report, files, problems)
+    recompute = None
     if against is not None:
-        from shardfix.sources import open_source
-
-        sources = (open_source(against, trust_pickle=bool(report["options"].get("trust_pickle"))), report)
-    for fname, f in planned.items():
-        path = out / fname
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-            continue
-        stats["files"] += 1
-        try:
-            header = read_header(path)
-        except Exception as e:
-            problems.append(f"{path}: {e}")
-            continue
-        if file_checksum(path) != f["checksum"]:
-            problems.append(f"{path}: file checksum differs from the report (the file changed after it was written)")
-        names = [k for k in header if not k.startswith("__")]
-        expected = [t["name"] for t in f["tensors"]]
-        if sorted(names) != sorted(expected):
-            problems.append(f"{path}: holds {len(names)} tensors, the report lists {len(expected)}")
-        with safe_open(str(path), framework="pt") as h:
-            for t in f["tensors"]:
-                name = t["name"]
-                if name not in header:
-                    problems.append(f"{path}: tensor {name} missing")
-                    continue
-                info = header[name]
-                if info["dtype"] != t["dtype"] or info["shape"] != t["shape"]:
-                    problems.append(f"{path}: {name} is {info['dtype']} {info['shape']}, report says "
-                                    f"{t['dtype']} {t['shape']}")
-                    continue
-                value = h.get_tensor(name)
-                digest = xxhash.xxh3_64_hexdigest(tensor_bytes(value.contiguous()))
-                stats["tensors"] += 1
-                stats["bytes"] += value.numel() * value.element_size()
-                if digest != t["checksum"]:
-                    problems.append(f"{path}: tensor {name} checksum {digest} != report {t['checksum']} "
-                                    "(its bytes changed)")
-                if sources is not None:
-                    problems += _compare_with_source(sources, name, value)
+        recompute = _Recompute(against, trust_pickle, report, problems)
+    for f in files:
+        _check_file(out, f, problems, stats, recompute)
+    if recompute is not None:
+        recompute.close()
+        stats["compared"] = recompute.compared
     return problems, stats
 
 
-def t_bytes(t: dict[str, Any]) -> int:
-    from shardfix.dtypes import itemsize, numel
+# -- report ---------------------------------------------------------------------------------------
 
+
+def _load_report(out: Path) -> dict[str, Any]:
+    report_path = out / REPORT_NAME
+    if not out.is_dir():
+        raise BadInputError(f"{out}: not a directory; pass the output directory of shardfix convert")
+    if not report_path.is_file():
+        raise BadInputError(f"{out}: no {REPORT_NAME}; not a finished shardfix output (rerun convert, or "
+                            "convert --resume if it was interrupted)")
+    try:
+        report = json.loads(report_path.read_text())
+    except (ValueError, OSError) as e:
+        raise BadInputError(f"{report_path}: not readable JSON ({e}); the report is damaged") from e
+    if not isinstance(report, dict) or not isinstance(report.get("outputs"), dict):
+        raise BadInputError(f"{report_path}: has no 'outputs' section; not a shardfix report")
+    return report
+
+
+def _report_files(report: dict[str, Any], path: Path, problems: list[str]) -> list[dict[str, Any]]:
+    """The report's output files, keeping only well-formed entries (the rest become problems)."""
+    raw = report["outputs"].get("files")
+    if not isinstance(raw, list):
+        problems.append(f"{path}: outputs.files is not a list")
+        return []
+    good = []
+    for i, f in enumerate(raw):
+        if _well_formed(f):
+            good.append(f)
+        else:
+            problems.append(f"{path}: outputs.files[{i}] is malformed")
+    return good
+
+
+def _well_formed(f: Any) -> bool:
+    if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not isinstance(f.get("checksum"), str):
+        return False
+    if "/" in f["name"] or f["name"].startswith(".") or not isinstance(f.get("tensors"), list):
+        return False
+    for t in f["tensors"]:
+        if not isinstance(t, dict) or not all(isinstance(t.get(k), str) for k in ("name", "dtype", "checksum")):
+            return False
+        if not isinstance(t.get("shape"), list) or not all(type(d) is int and d >= 0 for d in t["shape"]):
+            return False
+        try:
+            itemsize(t["dtype"])
+        except ShardfixError:
+            return False
+    return True
+
+
+def _nbytes(t: dict[str, Any]) -> int:
     return numel(t["shape"]) * itemsize(t["dtype"])
 
 
-def _compare_with_source(sources: Any, name: str, value: Any) -> list[str]:
-    import torch
-
-    from shardfix.reconcile.ops import apply_ops
-
-    src, report = sources
-    cache = report.setdefault("_ops", None)
-    if cache is None:
-        cache = report["_ops"] = _ops_by_output(report)
-    item = cache.get(name)
-    if item is None:
-        return [f"{name}: no ledger entry produced it"]
-    source_key, ops = item
-    base = None if ops and ops[0]["op"] == "value" else src.read_tensor(source_key)
-    expect = apply_ops(base, ops)
-    if expect.dtype != value.dtype or tuple(expect.shape) != tuple(value.shape) or not torch.equal(
-        expect.reshape(-1).view(torch.uint8) if expect.numel() else expect,
-        value.reshape(-1).view(torch.uint8) if value.numel() else value,
-    ):
-        return [f"{name}: differs from {source_key} in the source after the recorded actions"]
-    return []
-
-
-def _ops_by_output(report: dict[str, Any]) -> dict[str, tuple[str, list[dict[str, Any]]]]:
-    out = {}
-    for f in report["outputs"]["files"]:
+def _check_ledger(report: dict[str, Any], files: list[dict[str, Any]], problems: list[str]) -> None:
+    """Every output tensor comes from exactly one ledger entry naming it, from the same source."""
+    produced: dict[str, str] = {}
+    for e in report.get("ledger") or []:
+        for name in e.get("outputs") or []:
+            if name.endswith(".json"):
+                continue
+            if name in produced:
+                problems.append(f"ledger: {name} is an output of both {produced[name]} and {e.get('source')}")
+            produced[name] = e.get("source")
+    for f in files:
         for t in f["tensors"]:
-            out[t["name"]] = (t["source"], t.get("ops", []))
-    return out
+            src = produced.pop(t["name"], None)
+            if src is None:
+                problems.append(f"{f['name']}: tensor {t['name']} has no ledger entry producing it")
+            elif t.get("source") is not None and t["source"] != src:
+                problems.append(f"{f['name']}: tensor {t['name']} comes from {t['source']}, the ledger says {src}")
+    for name, src in produced.items():
+        problems.append(f"ledger: {src} lists output {name}, which no output file holds")
+
+
+def _check_directory(out: Path, files: list[dict[str, Any]], report: dict[str, Any], problems: list[str]) -> None:
+    listed = {f["name"] for f in files}
+    for p in sorted(out.glob("*.safetensors")):
+        if p.name not in listed:
+            problems.append(f"{p}: not in the report (a stray file a loader globbing *.safetensors would pick up)")
+    if (out / STAGING).exists():
+        problems.append(f"{out / STAGING}: an interrupted run's staging area is still here")
+    for kind in _SETS:
+        of_set = [f for f in files if f.get("set") == kind]
+        idx = out / f"{kind}.safetensors.index.json"
+        if len(of_set) > 1 and not idx.is_file():
+            problems.append(f"{idx}: missing; {len(of_set)} {kind} files need an index")
+        if idx.is_file():
+            _check_index(idx, of_set, problems)
+    groups = report["outputs"].get("param_groups")
+    if groups is not None and any(f.get("set") == "optimizer" for f in files):
+        path = out / PARAM_GROUPS_NAME
+        try:
+            data = json.loads(path.read_text())
+            if data != {"param_groups": groups}:
+                problems.append(f"{path}: differs from the param groups in the report")
+        except (OSError, ValueError) as e:
+            problems.append(f"{path}: missing or unreadable ({e})")
+
+
+def _check_index(idx: Path, files: list[dict[str, Any]], problems: list[str]) -> None:
+    try:
+        data = json.loads(idx.read_text())
+        weight_map = data["weight_map"]
+        total = data["metadata"]["total_size"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        problems.append(f"{idx}: unreadable or not a Hugging Face index ({type(e).__name__}: {e})")
+        return
+    expected = {t["name"]: f["name"] for f in files for t in f["tensors"]}
+    for name, fname in sorted(weight_map.items()):
+        if name not in expected:
+            problems.append(f"{idx.name}: maps {name} to {fname}, but the report lists no such tensor")
+        elif expected[name] != fname:
+            problems.append(f"{idx.name}: maps {name} to {fname}, but it is in {expected[name]}")
+    for name, fname in sorted(expected.items()):
+        if name not in weight_map:
+            problems.append(f"{idx.name}: does not map {name} (in {fname})")
+    size = sum(_nbytes(t) for f in files for t in f["tensors"])
+    if total != size:
+        problems.append(f"{idx.name}: total_size {total} != {size}, the bytes of the tensors it maps")
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+
+def _parse_header(path: Path, size: int) -> tuple[int, dict[str, Any]]:
+    """(data start, header dict) of a safetensors file, or raise ValueError saying what is wrong."""
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError(f"only {size} bytes")
+        (n,) = struct.unpack("<Q", head)
+        if 8 + n > size:
+            raise ValueError(f"header length {n} runs past the end of the {size}-byte file")
+        header = json.loads(fh.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    return 8 + n, header
+
+
+def _layout(f: dict[str, Any]) -> tuple[int, dict[str, tuple[int, int]]]:
+    """Where shardfix's writer puts each tensor of ``f`` (used when the file's header is unreadable)."""
+    specs = [TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in f["tensors"]]
+    start = len(build_header(specs, {"format": "pt"}))
+    where, off = {}, 0
+    for s in specs:
+        where[s.name] = (off, off + s.nbytes)
+        off += s.nbytes
+    return start, where
+
+
+def _header_problems(
+    path: Path, f: dict[str, Any], header: dict[str, Any], data_len: int, problems: list[str]
+) -> dict[str, tuple[int, int]]:
+    """Compare the header with the report; return each tensor's data range that can be checked."""
+    listed = {t["name"]: t for t in f["tensors"]}
+    where: dict[str, tuple[int, int]] = {}
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        t = listed.get(name)
+        if t is None:
+            problems.append(f"{path}: holds tensor {name}, which the report does not list")
+            continue
+        try:
+            start, end = (int(x) for x in info["data_offsets"])
+            dtype, shape = info["dtype"], list(info["shape"])
+        except (KeyError, TypeError, ValueError):
+            problems.append(f"{path}: tensor {name}: malformed header entry")
+            continue
+        if dtype != t["dtype"] or shape != t["shape"]:
+            problems.append(f"{path}: tensor {name} is {dtype} {shape} in the header, the report says "
+                            f"{t['dtype']} {t['shape']}")
+            continue
+        if end - start != _nbytes(t) or not 0 <= start <= end <= data_len:
+            problems.append(f"{path}: tensor {name}: data_offsets {[start, end]} do not fit {dtype} {shape} "
+                            f"in a {data_len}-byte data section")
+            continue
+        where[name] = (start, end)
+        spans.append((start, end, name))
+    for name in listed:
+        if name not in header:
+            problems.append(f"{path}: tensor {name} is missing from the file")
+    spans.sort()
+    for (_, a_end, a), (b_start, _, b) in zip(spans, spans[1:], strict=False):
+        if b_start < a_end:
+            problems.append(f"{path}: tensors {a} and {b} overlap in the data section")
+    return where
+
+
+def _check_file(out: Path, f: dict[str, Any], problems: list[str], stats: dict[str, Any], recompute: Any) -> None:
+    path = out / f["name"]
+    if not path.is_file():
+        problems.append(f"{path}: missing")
+        return
+    stats["files"] += 1
+    size = path.stat().st_size
+    if f.get("bytes") is not None and size != f["bytes"]:
+        problems.append(f"{path}: {size} bytes, the report says {f['bytes']}")
+    try:
+        data_start, header = _parse_header(path, size)
+        where = _header_problems(path, f, header, size - data_start, problems)
+    except (OSError, ValueError) as e:
+        problems.append(f"{path}: header unreadable ({e}); checking its tensors at the offsets shardfix writes")
+        data_start, where = _layout(f)
+    file_hash = xxhash.xxh3_128()
+    planned = {t["name"]: t for t in f["tensors"]}
+    with path.open("rb", buffering=0) as fh:
+        pos = 0
+        for name, (start, end) in sorted(where.items(), key=lambda kv: kv[1]):
+            pos = _hash_to(fh, pos, data_start + start, file_hash)
+            if pos != data_start + start:
+                problems.append(f"{path}: tensor {name}: the file ends before its data")
+                continue
+            data = _read(fh, end - start)
+            pos += len(data)
+            file_hash.update(data)
+            t = planned[name]
+            stats["tensors"] += 1
+            stats["bytes"] += len(data)
+            if len(data) != end - start:
+                problems.append(f"{path}: tensor {name}: the file ends inside its data")
+                continue
+            digest = xxhash.xxh3_64_hexdigest(data)
+            if digest != t["checksum"]:
+                problems.append(f"{path}: tensor {name}: checksum {digest} != {t['checksum']} in the report "
+                                "(its bytes changed after they were written)")
+            if recompute is not None:
+                recompute.compare(path, t, data)
+        pos = _hash_to(fh, pos, None, file_hash)
+    if file_hash.hexdigest() != f["checksum"]:
+        problems.append(f"{path}: file checksum {file_hash.hexdigest()} != {f['checksum']} in the report "
+                        "(the file changed after it was written)")
+    if where and len(where) == len(planned):
+        _loader_check(path, problems)
+
+
+def _read(fh: Any, n: int) -> bytearray:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = fh.readinto(view[got:])
+        if not k:
+            return buf[:got]
+        got += k
+    return buf
+
+
+def _hash_to(fh: Any, pos: int, stop: int | None, h: Any) -> int:
+    """Hash bytes from ``pos`` up to ``stop`` (or the end); return the new position."""
+    while stop is None or pos < stop:
+        n = _BLOCK if stop is None else min(_BLOCK, stop - pos)
+        chunk = fh.read(n)
+        if not chunk:
+            break
+        h.update(chunk)
+        pos += len(chunk)
+    return pos
+
+
+def _loader_check(path: Path, problems: list[str]) -> None:
+    """The safetensors library itself must accept the file (what a loader does first)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as h:
+            h.keys()
+    except Exception as e:  # SafetensorError and friends
+        problems.append(f"{path}: the safetensors library refuses it ({type(e).__name__}: {e})")
+
+
+# -- recompute from the source --------------------------------------------------------------------
+
+
+class _Recompute:
+    """Recompute each output tensor from the source with its recorded ops and compare bytes."""
+
+    def __init__(self, against: str | Path, trust_pickle: bool, report: dict[str, Any], problems: list[str]) -> None:
+        from shardfix.sources import open_source
+
+        self.src = open_source(against, trust_pickle=trust_pickle)
+        self.problems = problems
+        self.compared = 0
+        self._key: str | None = None
+        self._value: Any = None
+        keys = Counter(e.get("source") for e in report.get("ledger") or [])
+        for e in self.src.index.entries:
+            n = keys.pop(e.key, 0)
+            if n != 1:
+                problems.append(f"ledger: source entry {e.key} appears {n} times (must be exactly once)")
+        for key in keys:
+            problems.append(f"ledger: names {key}, which {against} does not hold (is this the right source?)")
+
+    def compare(self, path: Path, t: dict[str, Any], data: bytearray) -> None:
+        import numpy as np
+
+        from shardfix.dtypes import torch_dtype
+        from shardfix.reconcile.ops import apply_ops
+
+        name, ops = t["name"], t.get("ops") or []
+        try:
+            if ops and ops[0]["op"] == "value":
+                base = None
+            else:
+                if t.get("source") != self._key:
+                    self._value = None
+                    self._value = self.src.read_tensor(t["source"])
+                    self._key = t["source"]
+                base = self._value
+            expect = apply_ops(base, ops).contiguous()
+        except Exception as e:  # a damaged source or a malformed op: report it, keep checking
+            self.problems.append(f"{path}: tensor {name}: cannot recompute it from {t.get('source')} "
+                                 f"({type(e).__name__}: {e})")
+            return
+        self.compared += 1
+        if expect.dtype != torch_dtype(t["dtype"]) or list(expect.shape) != t["shape"]:
+            self.problems.append(f"{path}: tensor {name}: recomputing it from {t['source']} gives "
+                                 f"{expect.dtype} {list(expect.shape)}, the file holds {t['dtype']} {t['shape']}")
+            return
+        want = tensor_bytes(expect)
+        if want != memoryview(data):
+            a = np.frombuffer(want, dtype=np.uint8)
+            b = np.frombuffer(data, dtype=np.uint8)
+            diff = np.flatnonzero(a != b) if len(a) == len(b) else np.arange(min(len(a), len(b)))
+            first = int(diff[0]) // max(expect.element_size(), 1) if len(diff) else 0
+            self.problems.append(f"{path}: tensor {name}: differs from {t['source']} in the source after the "
+                                 f"recorded ops ({len(diff)} bytes differ; first at element {first})")
+
+    def close(self) -> None:
+        self._value = None
+        self.src.close()

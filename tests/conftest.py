@@ -51,9 +51,13 @@ def fsdp_ckpt(fsdp_run: Path) -> Path:
     return fsdp_run / "checkpoint"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture()
 def reference(fsdp_run: Path) -> dict:
-    """What the training process held: full model state dict and full optimizer state dict."""
+    """What the training process held: full model state dict and full optimizer state dict.
+
+    Loaded afresh for each test: a test that loads it into an optimizer and steps would
+    otherwise change the shared tensors (``step`` is updated in place).
+    """
     return torch.load(fsdp_run / "reference.pt", weights_only=True)
 
 
@@ -81,4 +85,6 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     if a.numel() == 0:
         return True
-    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+    # clone, not .contiguous(): a 1-element view counts as contiguous yet may keep a stride != 1
+    a, b = (x.clone(memory_format=torch.contiguous_format).reshape(-1) for x in (a, b))
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))

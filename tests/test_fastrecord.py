@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import bits_equal
 
 from shardfix.sources import fastrecord
 from shardfix.sources.dcp import DcpSource
+from tests.conftest import bits_equal
 
 GARBAGE = b"\x00not-a-record\xff" * 7  # records sit at arbitrary offsets inside .distcp files
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 import xxhash
-from conftest import bits_equal
 from safetensors.torch import load_file
 
 from shardfix import execute, safetensors_io
@@ -20,6 +19,7 @@ from shardfix.reconcile.ops import apply_ops, byte_window
 from shardfix.safetensors_io import StreamingWriter, TensorSpec, file_checksum
 from shardfix.sources.base import ByteRange
 from shardfix.verify import verify_output
+from tests.conftest import bits_equal
 
 
 @pytest.mark.parametrize(
@@ -166,3 +166,37 @@ def test_auto_executor_weighs_ray_start_against_the_work(monkeypatch: pytest.Mon
     kind, why = choose(_plan_of(200 * 10**9, 40), "auto", None, None)
     assert kind == "ray" and "4 files at a time" in why  # capped by what a disk absorbs
     assert choose(_plan_of(200 * 10**9, 40), "auto", 1, None)[0] == "inline"
+
+
+def _flip_a_streamed_byte(ckpt: Path, key: str, where: float) -> None:
+    from shardfix.sources.dcp import DcpSource
+
+    src = DcpSource(ckpt)
+    r = src.byte_ranges(key)[-1]
+    path, at = r.origin, r.offset + min(int(r.nbytes * where), r.nbytes - 1)
+    src.close()
+    with open(path, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0x10]))
+
+
+@pytest.mark.parametrize(
+    ("key", "where"),
+    [("model.router.weight", 0.5), ("model.embed.weight", 0.5), ("model.embed.weight", 1.0)],
+    ids=["whole", "trimmed-kept-row", "trimmed-away-row"],  # the CRC covers rows the trim drops too
+)
+def test_streamed_bytes_are_crc_checked(fsdp_ckpt: Path, tmp_path: Path, key: str, where: float) -> None:
+    import shutil
+
+    from shardfix.sources.dcp import DcpSource
+
+    ckpt = tmp_path / "ck"
+    shutil.copytree(fsdp_ckpt, ckpt)
+    _flip_a_streamed_byte(ckpt, key, where)
+    with pytest.raises(IncompleteSourceError, match="fails its CRC-32 check"):
+        convert(ckpt, tmp_path / "o", ConvertOptions(vocab_size=1000, executor="inline", progress=False))
+    assert not list((tmp_path / "o" / execute.STAGING).glob("*.safetensors")), "no damaged file is staged"
+    with pytest.raises(IncompleteSourceError, match="fails its CRC-32 check"):
+        DcpSource(ckpt).read_tensor(key)  # the assembling path: the fast read declines, decoding names it

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -32,8 +33,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.multiprocessing.spawn import ProcessException
 
 PAD_MULTIPLE = 128
+ATTEMPTS = 3
 
 
 def padded(n: int, multiple: int) -> int:
@@ -114,7 +117,12 @@ def _worker(rank: int, world_size: int, out: str, vocab: int, steps: int, rdzv: 
         for block in model.blocks:
             fully_shard(block)
         fully_shard(model)
-        optim = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+        scalars = [p for n, p in model.named_parameters() if n == "scalars"]
+        rest = [p for n, p in model.named_parameters() if n != "scalars"]
+        # two groups, as modded-nanogpt has: no weight decay on the scalars
+        optim = torch.optim.AdamW(
+            [{"params": rest, "weight_decay": 0.01}, {"params": scalars, "weight_decay": 0.0}], lr=1e-2
+        )
         gen = torch.Generator().manual_seed(1234 + rank)
         for _ in range(steps):
             tokens = torch.randint(0, vocab, (4, 16), generator=gen)
@@ -125,6 +133,8 @@ def _worker(rank: int, world_size: int, out: str, vocab: int, steps: int, rdzv: 
             optim.zero_grad()
         msd, osd = get_state_dict(model, optim)
         save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(out, "checkpoint"))
+        # the same state saved without collectives: one __{rank}.metadata per rank, no .metadata
+        save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(out, "checkpoint_nocoll"), use_collectives=False)
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         fmsd, fosd = get_state_dict(model, optim, options=full)
         if rank == 0:
@@ -138,16 +148,28 @@ def make_checkpoint(out: str | os.PathLike[str], world_size: int = 2, vocab: int
     """Train TinyLM with FSDP2 and save a DCP checkpoint to ``out/checkpoint``.
 
     Returns:
-        The checkpoint directory. ``out/reference.pt`` holds the full tensors.
+        The checkpoint directory. ``out/reference.pt`` holds the full tensors, and
+        ``out/checkpoint_nocoll`` the same state saved with ``use_collectives=False`` (per-rank
+        ``__N.metadata`` files instead of one ``.metadata``).
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="sfx-rdzv-") as tmp:
-        rdzv = os.path.join(tmp, "rdzv")
-        mp.start_processes(
-            _worker, args=(world_size, str(out), vocab, steps, rdzv), nprocs=world_size, start_method="spawn"
-        )
-    return out / "checkpoint"
+    for attempt in range(1, ATTEMPTS + 1):
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            with tempfile.TemporaryDirectory(prefix="sfx-rdzv-") as tmp:
+                rdzv = os.path.join(tmp, "rdzv")
+                mp.start_processes(
+                    _worker, args=(world_size, str(out), vocab, steps, rdzv), nprocs=world_size, start_method="spawn"
+                )
+            return out / "checkpoint"
+        except ProcessException as e:
+            # gloo on a loaded machine occasionally aborts a rank at teardown ("terminate called
+            # without an active exception"); the run is deterministic, so start it again cleanly
+            if attempt == ATTEMPTS:
+                raise
+            print(f"fsdp_train: attempt {attempt} failed ({e}); retrying", file=sys.stderr)
+            shutil.rmtree(out, ignore_errors=True)
+    raise AssertionError("unreachable")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,12 +5,18 @@ from, in this order: ``param_names`` recorded in the groups (torch records them 
 optimizer was built from ``named_parameters()``); a list the user passes with
 ``--param-names``; an order-preserving match of state shapes against the model's parameters
 filtered by ``--trainable``. A mapping that is ambiguous or fails is reported, never guessed.
+
+State saved by a sharded optimizer that keeps only one rank's rows (modded-nanogpt's
+``DistAdam`` keeps ``p[r*n/ws:(r+1)*n/ws]`` of each moment, and only rank 0 saves) is
+recognised by shape: :func:`partial_rows` says which rows exist, and the shape match accepts
+such slices when one world size explains every state.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +37,43 @@ class IdMapping:
         return not self.problems
 
 
-def read_param_names(path: str) -> list[str]:
-    """Read ``--param-names``: a JSON list, a JSON ``{"param_names": [...]}``, or one name per line."""
+@dataclass(frozen=True, slots=True)
+class PartialRows:
+    """A state that holds only rows ``0..rows-1`` of its parameter's ``of`` rows (dim 0)."""
+
+    rows: int
+    of: int
+    world_size: int | None  # ``of / rows`` when it divides evenly
+
+    def describe(self) -> str:
+        why = (f"one rank's slice of a world-size-{self.world_size} sharded state" if self.world_size
+               else "a dim-0 slice of a sharded state; the other rows are missing")
+        return f"rows 0..{self.rows - 1} of {self.of} exist ({why})"
+
+
+def partial_rows(state: tuple[int, ...], param: tuple[int, ...]) -> PartialRows | None:
+    """Recognise a state that is a leading dim-0 slice of its parameter's shape, or None.
+
+    The rows are assumed to be rank 0's (the rank that saves in the layouts FORMATS.md names):
+    the shape alone cannot tell which rank's slice a file holds.
+    """
+    if len(state) != len(param) or not state or state[1:] != param[1:]:
+        return None
+    k, n = state[0], param[0]
+    if not 0 < k < n:
+        return None
+    return PartialRows(k, n, n // k if n % k == 0 else None)
+
+
+def read_param_names(path: str) -> list[str] | list[list[str]]:
+    """Read ``--param-names``.
+
+    Accepted: a JSON list of names; a JSON list of lists (one per optimizer of an
+    ``optimizers`` list); a JSON object ``{"param_names": [...]}`` or ``{"optimizers": [[...],
+    ...]}``; or plain text, one name per line (``#`` starts a comment line). A flat list with
+    several optimizers is their parameters one optimizer after the other, each in param-group
+    order.
+    """
     p = Path(path)
     try:
         text = p.read_text()
@@ -45,14 +86,65 @@ def read_param_names(path: str) -> list[str]:
         except ValueError as e:
             raise BadInputError(f"--param-names: {p} is not valid JSON ({e})") from e
         if isinstance(data, dict):
-            data = data.get("param_names", data.get("names"))
+            data = data.get("param_names", data.get("names", data.get("optimizers")))
+        if isinstance(data, list) and data and all(isinstance(x, list) for x in data):
+            if all(isinstance(n, str) for x in data for n in x):
+                return data
         if not isinstance(data, list) or not all(isinstance(n, str) for n in data):
-            raise BadInputError(f"--param-names: {p} must hold a JSON list of parameter names")
+            raise BadInputError(
+                f"--param-names: {p} must hold a JSON list of parameter names (or one list per optimizer)"
+            )
         return data
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
 
 
-def _count_embeddings(want: list[tuple[int, ...] | None], have: list[tuple[int, ...]], limit: int = 2) -> int:
+def names_per_optimizer(names: list[str] | list[list[str]], counts: list[int]) -> list[list[str]] | str:
+    """Split ``--param-names`` into one list per optimizer, or say why it does not fit.
+
+    Args:
+        names: what :func:`read_param_names` returned.
+        counts: how many parameters each optimizer's param groups list.
+    """
+    if names and isinstance(names[0], list):
+        if len(names) != len(counts):
+            return (f"--param-names holds {len(names)} lists but the checkpoint has {len(counts)} optimizers; "
+                    "give one list per optimizer")
+        return [list(x) for x in names]  # type: ignore[arg-type]
+    flat: list[str] = list(names)  # type: ignore[arg-type]
+    if len(counts) == 1:
+        return [flat]
+    if len(flat) != sum(counts):
+        return (f"--param-names lists {len(flat)} names but the {len(counts)} optimizers hold "
+                f"{' + '.join(map(str, counts))} = {sum(counts)} parameters; list them one optimizer after the "
+                "other, or give one list per optimizer")
+    out, i = [], 0
+    for c in counts:
+        out.append(flat[i:i + c])
+        i += c
+    return out
+
+
+Shape = tuple[int, ...]
+#: Whether a state shape fits a parameter shape.
+Fits = Callable[[Shape, Shape], bool]
+
+
+def _exact(w: Shape, h: Shape) -> bool:
+    return w == h
+
+
+def _slice_of(ws: int) -> Fits:
+    """Fits the parameter itself or its rows ``0..n/ws-1`` (one rank's slice)."""
+
+    def fits(w: Shape, h: Shape) -> bool:
+        return w == h or (len(w) == len(h) and len(w) > 0 and w[1:] == h[1:] and w[0] * ws == h[0])
+
+    return fits
+
+
+def _count_embeddings(
+    want: list[Shape | None], have: list[Shape], limit: int = 2, fits: Fits = _exact,
+) -> int:
     """How many order-preserving ways ``want`` fits into ``have`` (capped at ``limit``)."""
     n, m = len(want), len(have)
     # ways[j] = number of ways to place want[i:] into have[j:]
@@ -61,17 +153,19 @@ def _count_embeddings(want: list[tuple[int, ...] | None], have: list[tuple[int, 
         nxt = [0] * (m + 1)
         for j in range(m - 1, -1, -1):
             w = nxt[j + 1]
-            if want[i] is None or want[i] == have[j]:
+            if want[i] is None or fits(want[i], have[j]):
                 w += ways[j + 1]
             nxt[j] = min(w, limit)
         ways = nxt
     return ways[0]
 
 
-def _first_embedding(want: list[tuple[int, ...] | None], have: list[tuple[int, ...]]) -> list[int]:
+def _first_embedding(
+    want: list[Shape | None], have: list[Shape], fits: Fits = _exact,
+) -> list[int]:
     out, j = [], 0
     for w in want:
-        while want and j < len(have) and not (w is None or w == have[j]):
+        while want and j < len(have) and not (w is None or fits(w, have[j])):
             j += 1
         out.append(j)
         j += 1
@@ -114,6 +208,7 @@ def map_ids(
         candidates = [(n, s) for n, s in model_params if rx.search(n)]
     want = [state_shapes.get(i) for i in ids]
     have = [s for _, s in candidates]
+    among = f" matching --trainable {trainable!r}" if trainable else ""
     flag = "--trainable REGEX" if not trainable else "a narrower --trainable"
     if not any(w is not None for w in want):
         return IdMapping(problems=[f"{label}: no parameter-shaped state to match by shape; pass --param-names FILE"])
@@ -121,25 +216,65 @@ def map_ids(
         bad = [(i, n, w, s) for i, (w, (n, s)) in enumerate(zip(want, candidates, strict=True)) if w is not None and w != s]
         if not bad:
             return IdMapping({i: n for i, (n, _) in zip(ids, candidates, strict=True)},
-                             f"shape match in order against {len(have)} model parameters"
-                             + (f" matching --trainable {trainable!r}" if trainable else ""))
+                             f"shape match in order against {len(have)} model parameters{among}")
+    attempts: list[tuple[Fits, str]] = [(_exact, "")]
+    attempts += [(_slice_of(ws), f" of 1/{ws} row slices (a world-size-{ws} sharded state)")
+                 for ws in _world_sizes(want, have)]
+    for fits, how in attempts:
+        ways = _count_embeddings(want, have, fits=fits)
+        if ways == 1:
+            pos = _first_embedding(want, have, fits)
+            return IdMapping({i: candidates[p][0] for i, p in zip(ids, pos, strict=True)},
+                             f"unique order-preserving shape match{how} ({len(ids)} of {len(have)} parameters{among})")
+        if ways > 1:
+            return IdMapping(problems=[
+                f"{label}: {len(ids)} optimized parameters match the model's {len(have)} candidate "
+                f"parameters{among} by shape in more than one way (ambiguous: "
+                f"{_ambiguous(ids, want, candidates, fits)}); pass {flag} (e.g. --trainable lora_) "
+                "or --param-names FILE"
+            ])
+    if len(want) == len(have):
         i, n, w, s = bad[0]
         return IdMapping(problems=[
             f"{label}: state {ids[i]} has shape {list(w)} but the {i}th candidate parameter {n} has "
             f"{list(s)}; the optimizer's order is not the model's -- pass --param-names FILE"
         ])
-    ways = _count_embeddings(want, have)
-    if ways == 1:
-        pos = _first_embedding(want, have)
-        return IdMapping({i: candidates[p][0] for i, p in zip(ids, pos, strict=True)},
-                         f"unique order-preserving shape match ({len(ids)} of {len(have)} parameters)")
-    if ways == 0:
-        return IdMapping(problems=[
-            f"{label}: the {len(ids)} optimized parameters' shapes do not fit the model's "
-            f"{len(have)} parameters in order; pass --param-names FILE"
-        ])
     return IdMapping(problems=[
-        f"{label}: {len(ids)} optimized parameters match the model's {len(have)} candidate "
-        f"parameters by shape in more than one way (ambiguous); pass {flag} (e.g. --trainable lora_) "
-        "or --param-names FILE"
+        f"{label}: the {len(ids)} optimized parameters' shapes do not fit the model's "
+        f"{len(have)} parameters{among} in order; pass --param-names FILE"
+        + ("" if trainable else " (or --trainable REGEX when only some parameters were trained)")
     ])
+
+
+def _world_sizes(want: list[Shape | None], have: list[Shape], limit: int = 3) -> list[int]:
+    """World sizes that would explain state shapes as 1/ws row slices, most frequent first."""
+    counts: dict[int, int] = {}
+    for w in set(x for x in want if x):
+        for h in set(have):
+            if len(w) == len(h) and w[1:] == h[1:] and w[0] and h[0] > w[0] and h[0] % w[0] == 0:
+                counts[h[0] // w[0]] = counts.get(h[0] // w[0], 0) + 1
+    return sorted(counts, key=lambda ws: (-counts[ws], ws))[:limit]
+
+
+def _ambiguous(ids: list[Any], want: list[Shape | None], candidates: list[tuple[str, Shape]], fits: Fits) -> str:
+    """Name the states that fit more than one parameter in some order-preserving match."""
+    n, m = len(want), len(candidates)
+    have = [s for _, s in candidates]
+    ok = [want[i] is None or fits(want[i], have[j]) for i in range(n) for j in range(m)]
+    # pre[i][j]: want[:i] fits into have[:j]; suf[i][j]: want[i:] fits into have[j:]
+    pre = [[True] * (m + 1)] + [[False] * (m + 1) for _ in range(n)]
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            pre[i][j] = pre[i][j - 1] or (pre[i - 1][j - 1] and ok[(i - 1) * m + j - 1])
+    suf = [[False] * (m + 1) for _ in range(n)] + [[True] * (m + 1)]
+    for i in range(n - 1, -1, -1):
+        for j in range(m - 1, -1, -1):
+            suf[i][j] = suf[i][j + 1] or (suf[i + 1][j + 1] and ok[i * m + j])
+    parts = []
+    for i in range(n):
+        where = [candidates[j][0] for j in range(m) if ok[i * m + j] and pre[i][j] and suf[i + 1][j + 1]]
+        if len(where) > 1:
+            shape = list(want[i]) if want[i] is not None else "no state"
+            parts.append(f"state {ids[i]} {shape} could be " + " or ".join(where[:3]) + (" or ..." if len(where) > 3 else ""))
+    shown = "; ".join(parts[:4])
+    return shown + (f"; and {len(parts) - 4} more" if len(parts) > 4 else "")

@@ -77,7 +77,7 @@ def reconcile_shape(
             return src == padded_vocab and dst == vocab
         if vocab is not None and dst == vocab:
             return looks_padded_vocab(src) or src - dst < 128
-        return looks_padded_vocab(src) and src - dst < 64 * 64 and find_multiple(dst, 64) <= src
+        return False  # without a known vocab, a trim is judged as world-size padding
 
     diff = [d for d in range(len(shape)) if shape[d] != target[d]]
     if len(diff) == 1:
@@ -95,7 +95,8 @@ def reconcile_shape(
                     [O.blocks(d, padded_vocab, vocab, k)],
                     [_trim_action("vocab-stacked", d, shape, target, tables=k)],
                 )
-            sizes = world_sizes_for(src, dst)
+            # a world size larger than half the padded length would mean "mostly padding": not plausible
+            sizes = world_sizes_for(src, dst, limit=min(MAX_WORLD, max(2, src // 2)))
             if sizes:
                 return ShapeFix(
                     [O.narrow(d, 0, dst)],

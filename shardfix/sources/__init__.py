@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shardfix.errors import BadInputError
-from shardfix.sources import dcp, safetensors_src, torchsave
+from shardfix.sources import dcp, safetensors_src, torchranks, torchsave
 from shardfix.sources.base import Chunk, ObjectEntry, Source, SourceIndex, TensorEntry
 
 __all__ = [
@@ -36,7 +36,7 @@ class SourceFormat:
 
 
 FORMATS: dict[str, SourceFormat] = {
-    m.NAME: SourceFormat(m.NAME, m.detect, m.open, m.DESCRIBE) for m in (dcp, safetensors_src, torchsave)
+    m.NAME: SourceFormat(m.NAME, m.detect, m.open, m.DESCRIBE) for m in (dcp, torchranks, safetensors_src, torchsave)
 }
 
 
@@ -67,6 +67,4 @@ def open_source(path: str | Path, format: str | None = None, *, trust_pickle: bo
     name = format or detect_format(path)
     if name not in FORMATS:
         raise BadInputError(f"unknown source format {name!r}; known: {', '.join(FORMATS)}")
-    if name == torchsave.NAME:
-        return torchsave.open(Path(path), trust_pickle=trust_pickle)
-    return FORMATS[name].open(Path(path))
+    return FORMATS[name].open(Path(path), trust_pickle=trust_pickle)

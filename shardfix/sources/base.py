@@ -36,6 +36,19 @@ class Chunk:
         return numel(self.sizes)
 
 
+class MemberCheck(NamedTuple):
+    """A CRC-32 over the ``nbytes`` bytes at ``start`` of a file: a zip member holding a range.
+
+    A reader of the range also reads what the range leaves out of the member and compares.
+    """
+
+    start: int
+    nbytes: int
+    crc32: int
+    key: str  # the checkpoint key, for messages
+    member: str  # the member's name in the record, for messages
+
+
 class ByteRange(NamedTuple):
     """``nbytes`` bytes at ``offset`` of the open file ``fd`` (``origin`` names it in errors)."""
 
@@ -43,6 +56,7 @@ class ByteRange(NamedTuple):
     offset: int
     nbytes: int
     origin: Path
+    check: MemberCheck | None = None
 
 
 @dataclass(slots=True)
@@ -55,6 +69,8 @@ class TensorEntry:
     shape: tuple[int, ...]
     chunks: tuple[Chunk, ...] = ()
     stride: tuple[int, ...] | None = None
+    #: "strided", or "sparse_coo" for sparse tensors (read back densified)
+    layout: str = "strided"
 
     @property
     def nbytes(self) -> int:

@@ -27,12 +27,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from shardfix.dtypes import numel, st_name, torch_dtype
-from shardfix.errors import BadInputError, IncompleteSourceError
-from shardfix.safe_pickle import load_metadata_pickle
+from shardfix.dtypes import itemsize, numel, st_name, torch_dtype
+from shardfix.errors import BadInputError, IncompleteSourceError, ShardfixError
+from shardfix.safe_pickle import is_weights_only_refusal, load_metadata_pickle, refused_global
 from shardfix.sources import fastrecord
-from shardfix.sources.base import ByteRange, Chunk, ObjectEntry, SourceIndex, TensorEntry
+from shardfix.sources.base import ByteRange, Chunk, MemberCheck, ObjectEntry, SourceIndex, TensorEntry
 from shardfix.sources.records import decode_record, read_exact, read_into
+from shardfix.sources.zipcheck import check_zip_record
 
 NAME = "dcp"
 DESCRIBE = "a DCP directory with .metadata and .distcp files"
@@ -61,8 +62,8 @@ def detect(path: Path) -> bool:
         return False
 
 
-def open(path: Path) -> DcpSource:  # noqa: A001 - registry verb
-    return DcpSource(path)
+def open(path: Path, trust_pickle: bool = False) -> DcpSource:  # noqa: A001 - registry verb
+    return DcpSource(path, trust_pickle=trust_pickle)
 
 
 def _check_tiling(key: str, shape: tuple[int, ...], chunks: list[Chunk]) -> None:
@@ -109,10 +110,12 @@ class DcpSource:
 
     format: ClassVar[str] = NAME
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, trust_pickle: bool = False) -> None:
         self.path = path
+        self.trust_pickle = trust_pickle
         self._lock = threading.Lock()
         self._fds: dict[str, int] = {}
+        self._pickled: list[str] = []  # bytes entries that need full unpickling
         md_files = _metadata_files(path)
         if not md_files:
             raise IncompleteSourceError(
@@ -120,7 +123,17 @@ class DcpSource:
                 "finish or the metadata was not copied -- copy the whole checkpoint directory"
             )
         metas = [load_metadata_pickle(p) for p in md_files]
-        self.index = self._build_index(md_files, metas)
+        where = md_files[0] if len(md_files) == 1 else path
+        try:
+            self.index = self._build_index(md_files, metas)
+        except ShardfixError:
+            raise
+        except Exception as e:  # a pickle that loads but does not hold what genuine metadata holds
+            raise BadInputError(
+                f"{where}: malformed DCP metadata ({type(e).__name__}: {str(e)[:200]}); the file is corrupt "
+                "or was not written by torch.distributed.checkpoint -- copy the checkpoint again"
+            ) from e
+        self.index.notes.extend(self._pickle_notes())
 
     # -- index -------------------------------------------------------------------------
 
@@ -129,7 +142,11 @@ class DcpSource:
         planner: dict[str, Any] = {}
         storage: dict[tuple[str, tuple[int, ...] | None], Any] = {}
         chunk_lists: dict[str, list[Any]] = {}
+        from torch.distributed.checkpoint.metadata import Metadata
+
         for md_path, md in zip(md_files, metas, strict=True):
+            if not isinstance(md, Metadata):
+                raise BadInputError(f"{md_path}: holds a {type(md).__name__}, not DCP Metadata")
             try:
                 items = md.state_dict_metadata.items()
                 storage_items = (md.storage_data or {}).items()
@@ -138,7 +155,10 @@ class DcpSource:
                 raise BadInputError(f"{md_path}: not DCP metadata ({e})") from e
             for key, meta in items:
                 if key in sd_meta and hasattr(meta, "chunks"):
-                    chunk_lists[key].extend(meta.chunks)
+                    # per-rank saves list replicated tensors (buffers, step) once per rank: the
+                    # same box twice is a replica, not an overlap
+                    known = {(tuple(c.offsets), tuple(c.sizes)) for c in chunk_lists[key]}
+                    chunk_lists[key].extend(c for c in meta.chunks if (tuple(c.offsets), tuple(c.sizes)) not in known)
                 else:
                     sd_meta[key] = meta
                     if hasattr(meta, "chunks"):
@@ -173,6 +193,7 @@ class DcpSource:
                         )
                     chunks.append(self._chunk(key, offs, sizes, info, files))
                 _check_tiling(key, shape, chunks)
+                self._check_record_sizes(key, dtype, shape, chunks)
                 entries.append(TensorEntry(key, path, dtype, shape, tuple(chunks)))
             else:
                 info = storage.get((key, None))
@@ -209,17 +230,46 @@ class DcpSource:
 
     def _object_entry(self, key: str, path: tuple, chunk: Chunk) -> ObjectEntry:
         raw = self._read(chunk, key)
+        origin = self.path / (chunk.file or "")
+        check_zip_record(raw, origin, key)
         try:
             value = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
         except Exception as e:  # weights_only refuses arbitrary objects
-            if "weights_only" in str(e) or "Unsupported global" in str(e):
-                return ObjectEntry(
-                    key, path, None, "unreadable: needs full unpickling (refused, see --trust-pickle)"
-                )
-            raise BadInputError(
-                f"{self.path / (chunk.file or '')}: cannot decode bytes entry {key}: {e}"
-            ) from e
+            if not is_weights_only_refusal(e):
+                raise BadInputError(f"{origin}: cannot decode bytes entry {key}: {str(e)[:300]}") from e
+            what = refused_global(e)
+            self._pickled.append(f"{key} ({what})")
+            if not self.trust_pickle:
+                return ObjectEntry(key, path, None, f"unreadable: needs full unpickling of {what} (refused; "
+                                   "--trust-pickle reads it if you trust the checkpoint)")
+            try:
+                value = torch.load(io.BytesIO(raw), weights_only=False, map_location="cpu")
+            except Exception as e2:
+                raise BadInputError(f"{origin}: cannot decode bytes entry {key} even with --trust-pickle: "
+                                    f"{type(e2).__name__}: {str(e2)[:200]}") from e2
         return ObjectEntry(key, path, value, type(value).__name__)
+
+    def _pickle_notes(self) -> list[str]:
+        if not self._pickled:
+            return []
+        keys = ", ".join(self._pickled[:5]) + (f" and {len(self._pickled) - 5} more" if len(self._pickled) > 5 else "")
+        if self.trust_pickle:
+            return [f"--trust-pickle: bytes entries read with full unpickling (weights_only=False), which runs code "
+                    f"stored in the checkpoint: {keys}"]
+        return [f"bytes entries that only full unpickling can read were refused and not loaded (it would run code "
+                f"stored in the checkpoint): {keys}; rerun with --trust-pickle only if you trust this checkpoint"]
+
+    def _check_record_sizes(self, key: str, dtype: str, shape: tuple[int, ...], chunks: list[Chunk]) -> None:
+        """Decode now any record smaller than its box, so a size or dtype mismatch fails before writing.
+
+        An uncompressed record holds at least its box's bytes unless the tensor was saved as an
+        expanded (stride-0) view; decoding the (small) record tells the two apart exactly.
+        """
+        for c in chunks:
+            if c.file is None or c.transforms or not c.numel or c.length >= c.numel * itemsize(dtype):
+                continue
+            if self._safetensors_header(c.file) is None:
+                self.read_chunk(TensorEntry(key, (key,), dtype, shape, tuple(chunks)), c)
 
     # -- reading ----------------------------------------------------------------------
 
@@ -342,7 +392,10 @@ class DcpSource:
             run = layout.contiguous_range() if layout is not None else None
             if run is None or layout.dtype != dtype or layout.shape != chunk.sizes:
                 return None
-            ranges.append(ByteRange(self._fd(rel), run[0], run[1], self.path / rel))
+            check = None
+            if layout.crc32:  # the reader checks the storage member's CRC-32 as it streams it
+                check = MemberCheck(layout.storage_start, layout.storage_nbytes, layout.crc32, key, layout.member)
+            ranges.append(ByteRange(self._fd(rel), run[0], run[1], self.path / rel, check))
         if sum(r.nbytes for r in ranges) != entry.nbytes:
             return None
         return ranges

@@ -8,6 +8,13 @@ small ``pread`` calls -- and returns where the tensor's bytes lie in the file. R
 ``preadv`` them straight into the destination memory (:func:`read_into`) or hand the byte
 range to the streaming writer: no intermediate buffer, no ``torch.load``.
 
+What :func:`~shardfix.sources.zipcheck.check_zip_record` checks on the decoding path holds here
+too: the archive must end exactly where the record ends, every member must lie inside it,
+stored, and the small members (``data.pkl``, ``byteorder``) must match their CRC-32 or the
+record is declined. The storage member's CRC-32 (:attr:`RecordLayout.crc32`) is checked by
+whoever reads its bytes, as they stream past: :func:`read_into` here, the writer for streamed
+tensors (see :class:`~shardfix.sources.base.MemberCheck`).
+
 ``data.pkl`` is parsed with :class:`_LayoutUnpickler`, which is stricter than torch's
 ``weights_only`` unpickler: it resolves only ``torch._utils._rebuild_tensor_v2``/``_v3``,
 ``collections.OrderedDict``, the typed-storage classes, ``UntypedStorage`` and torch dtypes, and
@@ -29,6 +36,7 @@ import os
 import pickle
 import struct
 import sys
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +107,8 @@ class RecordLayout:
         storage_offset: in elements, from the storage's first byte.
         storage_start: absolute file offset of the storage's first byte.
         storage_nbytes: bytes the storage holds.
+        crc32: the CRC-32 the zip directory records for the storage member (0: none recorded).
+        member: the storage member's name, for messages.
     """
 
     dtype: torch.dtype
@@ -107,6 +117,8 @@ class RecordLayout:
     storage_offset: int
     storage_start: int
     storage_nbytes: int
+    crc32: int = 0
+    member: str = ""
 
     @property
     def numel(self) -> int:
@@ -235,8 +247,9 @@ def _zip64_values(extra: bytes, wanted: list[bool]) -> list[int]:
     raise _Decline("zip64 extra field missing")
 
 
-def _central_directory(fd: int, base: int, length: int) -> dict[str, tuple[int, int, int]]:
-    """``{name: (method, size, local header offset)}`` of the zip stored at ``base``."""
+def _central_directory(fd: int, base: int, length: int) -> tuple[dict[str, tuple[int, int, int, int]], int]:
+    """``{name: (method, size, local header offset, crc32)}`` of the zip stored at ``base``, and
+    where its member data ends (the directory's offset)."""
     n = min(length, _TAIL)
     tail = _pread(fd, n, base + length - n)
     pos = tail.rfind(_EOCD)
@@ -261,12 +274,12 @@ def _central_directory(fd: int, base: int, length: int) -> dict[str, tuple[int, 
         raise _Decline("central directory not contiguous with its end record (prepended data?)")
     rel = cd_off - (length - n)
     cd = tail[rel : rel + cd_size] if rel >= 0 else _pread(fd, cd_size, base + cd_off)
-    entries: dict[str, tuple[int, int, int]] = {}
+    entries: dict[str, tuple[int, int, int, int]] = {}
     pos = 0
     for _ in range(count):
         if cd[pos : pos + 4] != _CENTRAL or pos + 46 > len(cd):
             raise _Decline("bad central directory entry")
-        method, csize, usize, nlen, xlen, clen = struct.unpack_from("<H8xIIHHH", cd, pos + 10)
+        method, crc, csize, usize, nlen, xlen, clen = struct.unpack_from("<H4xIIIHHH", cd, pos + 10)
         (lho,) = struct.unpack_from("<I", cd, pos + 42)
         name = cd[pos + 46 : pos + 46 + nlen].decode("utf-8", "replace")
         extra = cd[pos + 46 + nlen : pos + 46 + nlen + xlen]
@@ -276,34 +289,41 @@ def _central_directory(fd: int, base: int, length: int) -> dict[str, tuple[int, 
             usize = next(values) if wanted[0] else usize
             csize = next(values) if wanted[1] else csize
             lho = next(values) if wanted[2] else lho
-        if csize != usize:
-            raise _Decline(f"{name} is compressed")
-        entries[name] = (method, usize, lho)
+        if csize != usize or lho + 30 > cd_off:
+            raise _Decline(f"{name} is compressed or outside the archive data")
+        entries[name] = (method, usize, lho, crc)
         pos += 46 + nlen + xlen + clen
-    return entries
+    if pos != cd_size:
+        raise _Decline("central directory size does not match its entries")
+    return entries, cd_off
 
 
-def _entry_data(fd: int, base: int, length: int, name: str, entry: tuple[int, int, int],
+def _entry_data(fd: int, base: int, end: int, name: str, entry: tuple[int, int, int, int],
                 read: bool) -> tuple[int, bytes]:
-    """Offset of an entry's data (relative to ``base``) and, when ``read``, its bytes."""
-    method, size, lho = entry
+    """Offset of an entry's data (relative to ``base``) and, when ``read``, its CRC-checked bytes.
+
+    ``end`` is where the archive's member data ends (its central directory starts).
+    """
+    method, size, lho, crc = entry
     if method != 0:
         raise _Decline(f"{name} is compressed")
     want = 30 + _LOCAL_SLACK + (size if read else 0)
-    head = os.pread(fd, min(want, max(length - lho, 0)), base + lho)
+    head = os.pread(fd, min(want, max(end - lho, 0)), base + lho)
     if len(head) < 30 or head[:4] != _LOCAL:
         raise _Decline(f"no local header for {name}")
     nlen, xlen = struct.unpack_from("<HH", head, 26)
     if head[30 : 30 + nlen].decode("utf-8", "replace") != name:
         raise _Decline(f"local header name differs for {name}")
     start = lho + 30 + nlen + xlen
-    if start + size > length:
-        raise _Decline(f"{name} runs past the end of the record")
+    if start + size > end:
+        raise _Decline(f"{name} runs past the end of the archive data")
     if not read:
         return start, b""
     body = head[start - lho : start - lho + size]
     if len(body) != size:
         body = _pread(fd, size, base + start)
+    if crc and zlib.crc32(body) != crc:
+        raise _Decline(f"{name} fails its CRC-32 check")  # the decoding path names the damage
     return start, body
 
 
@@ -321,7 +341,7 @@ def locate(fd: int, base: int, length: int) -> RecordLayout | None:
 def _locate(fd: int, base: int, length: int) -> RecordLayout:
     if length < 22:
         raise _Decline("record too short to be a zip")
-    entries = _central_directory(fd, base, length)
+    entries, end = _central_directory(fd, base, length)
     prefixes = {name.split("/", 1)[0] for name in entries}
     if len(prefixes) != 1:
         raise _Decline("entries do not share one archive prefix")
@@ -333,16 +353,16 @@ def _locate(fd: int, base: int, length: int) -> RecordLayout:
     if order is not None:
         if order[1] > 16:
             raise _Decline("odd byteorder record")
-        _, text = _entry_data(fd, base, length, f"{prefix}/byteorder", order, read=True)
+        _, text = _entry_data(fd, base, end, f"{prefix}/byteorder", order, read=True)
         if text.decode("ascii", "replace") != sys.byteorder:
             raise _Decline("byte order differs from the host's")
-    _, pickled = _entry_data(fd, base, length, f"{prefix}/data.pkl", pkl, read=True)
+    _, pickled = _entry_data(fd, base, end, f"{prefix}/data.pkl", pkl, read=True)
     rebuilt = parse_pickle(pickled)
     data_name = f"{prefix}/data/{rebuilt.storage.key}"
     data = entries.get(data_name)
     if data is None:
         raise _Decline(f"no {data_name}")
-    start, nbytes = _entry_data(fd, base, length, data_name, data, read=False)[0], data[1]
+    start, nbytes = _entry_data(fd, base, end, data_name, data, read=False)[0], data[1]
     itemsize = rebuilt.dtype.itemsize
     expected = rebuilt.storage.numel * (itemsize if rebuilt.storage.dtype is not None else 1)
     if nbytes != expected:
@@ -353,7 +373,8 @@ def _locate(fd: int, base: int, length: int) -> RecordLayout:
         last = rebuilt.storage_offset + sum((s - 1) * st for s, st in zip(rebuilt.size, rebuilt.stride, strict=True))
     if (last + 1) * itemsize > nbytes:
         raise _Decline("tensor addresses bytes outside its storage")
-    return RecordLayout(rebuilt.dtype, rebuilt.size, rebuilt.stride, rebuilt.storage_offset, base + start, nbytes)
+    return RecordLayout(rebuilt.dtype, rebuilt.size, rebuilt.stride, rebuilt.storage_offset, base + start, nbytes,
+                        data[3], data_name)
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -382,24 +403,37 @@ def read_into(fd: int, layout: RecordLayout, dest: torch.Tensor) -> bool:
     """Fill ``dest`` (same dtype and shape as the record) with the record's tensor.
 
     A contiguous record is read with one ``preadv`` straight into ``dest`` when ``dest`` is
-    contiguous; otherwise the storage span is read once and copied with the record's strides.
-    Returns False (``dest`` possibly partly written) when the file ends early.
+    contiguous; otherwise the storage is read once and copied with the record's strides. The
+    storage's CRC-32 is checked on the bytes read. Returns False (``dest`` possibly partly
+    written) when the file ends early, the CRC does not match, or checking it would need bytes
+    the tensor does not use: the caller then decodes the record, which names the problem.
     """
     if dest.dtype != layout.dtype or tuple(dest.shape) != layout.shape:
         return False
     if layout.numel == 0:
         return True
     run = layout.contiguous_range()
+    whole = run is not None and run == (layout.storage_start, layout.storage_nbytes)
     try:
-        if run is not None and dest.is_contiguous():
-            _fill(fd, run[0], byte_view(dest))
-            return True
+        if run is not None and dest.is_contiguous() and (whole or not layout.crc32):
+            view = byte_view(dest)
+            _fill(fd, run[0], view)
+            return not layout.crc32 or zlib.crc32(view) == layout.crc32
         itemsize = layout.dtype.itemsize
-        first = layout.storage_offset
-        last = first + sum((s - 1) * st for s, st in zip(layout.shape, layout.stride, strict=True))
-        span = torch.empty((last - first + 1) * itemsize, dtype=torch.uint8)
-        _fill(fd, layout.storage_start + first * itemsize, byte_view(span))
-        dest.copy_(torch.as_strided(span.view(layout.dtype), layout.shape, layout.stride, 0))
+        if layout.crc32:  # the check covers the whole member: read all of it
+            first, nbytes = 0, layout.storage_nbytes
+        else:
+            first = layout.storage_offset
+            last = first + sum((s - 1) * st for s, st in zip(layout.shape, layout.stride, strict=True))
+            nbytes = (last - first + 1) * itemsize
+        span = torch.empty(nbytes, dtype=torch.uint8)
+        view = byte_view(span)
+        _fill(fd, layout.storage_start + first * itemsize, view)
+        if layout.crc32 and zlib.crc32(view) != layout.crc32:
+            return False
+        offset = layout.storage_offset - first
+        dest.copy_(torch.as_strided(span[: nbytes - nbytes % itemsize].view(layout.dtype), layout.shape,
+                                    layout.stride, offset))
         return True
     except (_Decline, OSError):
         return False

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
-from shardfix.errors import BadInputError, IncompleteSourceError
+from shardfix.errors import BadInputError, IncompleteSourceError, UnsafeInputError
+from shardfix.safe_pickle import is_weights_only_refusal, refused_global
+from shardfix.sources.zipcheck import check_zip_record
 
 ZIP_MAGIC = b"PK\x03\x04"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -76,11 +78,17 @@ def decode_record(
             f"{origin}: the record for {key} is not a torch.save archive (starts with "
             f"{bytes(data[:4])!r}); the file is corrupt or the metadata belongs to another save"
         )
+    check_zip_record(data, origin, key)  # torch.load checks no CRC and no record length
     try:
         value = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except Exception as e:
+        if is_weights_only_refusal(e):
+            raise UnsafeInputError(
+                f"{origin}: the record for {key} references {refused_global(e)}, which a tensor record never "
+                "does; it was refused (records are loaded with weights_only=True) and nothing in it ran"
+            ) from None
         raise IncompleteSourceError(
-            f"{origin}: corrupt record for {key} ({type(e).__name__}: {e}); copy the file again"
+            f"{origin}: corrupt record for {key} ({type(e).__name__}: {str(e)[:300]}); copy the file again"
         ) from e
     if not isinstance(value, torch.Tensor):
         raise IncompleteSourceError(f"{origin}: record for {key} holds {type(value).__name__}, not a tensor")

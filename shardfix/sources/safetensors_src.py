@@ -31,7 +31,8 @@ def detect(path: Path) -> bool:
     return False
 
 
-def open(path: Path) -> SafetensorsSource:  # noqa: A001
+def open(path: Path, trust_pickle: bool = False) -> SafetensorsSource:  # noqa: A001
+    """Open safetensors (``trust_pickle`` is accepted for a uniform registry and unused: no pickles here)."""
     return SafetensorsSource(path)
 
 

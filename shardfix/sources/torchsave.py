@@ -17,6 +17,7 @@ import torch
 
 from shardfix.dtypes import st_name
 from shardfix.errors import BadInputError, UnsafeInputError
+from shardfix.safe_pickle import is_weights_only_refusal, refused_global
 from shardfix.sources.base import ObjectEntry, PathPart, SourceIndex, TensorEntry, join_key
 
 NAME = "torch"
@@ -54,22 +55,22 @@ def load_torch_file(path: Path, trust_pickle: bool = False) -> tuple[Any, list[s
         raise BadInputError(f"{path}: cannot read ({e.strerror})") from e
     try:
         if trust_pickle:
-            notes.append("loaded with weights_only=False (--trust-pickle): the file could run code")
+            notes.append(f"--trust-pickle: {path} was read with full unpickling (weights_only=False), which runs "
+                         "code stored in the file")
             return torch.load(path, map_location="cpu", weights_only=False, mmap=is_zip), notes
         if not is_zip:
             notes.append("legacy (non-zip) torch.save format: loaded into memory, not mmapped")
         return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip), notes
     except pickle.UnpicklingError as e:
-        msg = str(e)
-        if "weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
-            first = next((ln.strip() for ln in msg.splitlines() if "Unsupported global" in ln), msg[:200])
+        if is_weights_only_refusal(e):
             raise UnsafeInputError(
-                f"{path}: can only be read by full unpickling, which runs code stored in the file "
-                f"({first}). shardfix refuses by default; if you trust this file, rerun with "
-                "--trust-pickle"
-            ) from e
-        raise BadInputError(f"{path}: not a readable torch.save file ({msg[:300]})") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+                f"{path}: can only be read by full unpickling: it references {refused_global(e)}, which is not "
+                "a tensor or a plain container. Full unpickling runs whatever code the file names (a crafted "
+                "checkpoint can take over your account), so shardfix refused and nothing in the file ran. If "
+                "you trust where this file came from, rerun with --trust-pickle"
+            ) from None
+        raise BadInputError(f"{path}: not a readable torch.save file ({str(e)[:300]})") from e
+    except Exception as e:  # torch raises many types on truncated or corrupt files
         raise BadInputError(
             f"{path}: not a readable torch.save file ({type(e).__name__}: {str(e)[:300]}); it may be "
             "truncated -- copy it again"
@@ -79,6 +80,9 @@ def load_torch_file(path: Path, trust_pickle: bool = False) -> tuple[Any, list[s
 def _flatten(obj: Any, path: tuple[PathPart, ...], out: list[TensorEntry | ObjectEntry]) -> None:
     if isinstance(obj, torch.Tensor):
         key = join_key(path)
+        if obj.layout == torch.sparse_coo:
+            out.append(TensorEntry(key, path, st_name(obj.dtype), tuple(obj.shape), (), None, "sparse_coo"))
+            return
         if obj.layout != torch.strided:
             out.append(ObjectEntry(key, path, None, f"tensor with layout {obj.layout}"))
             return
@@ -123,6 +127,8 @@ class TorchSaveSource:
             raise BadInputError(f"{self.path}: no tensor {key!r}") from None
         if not isinstance(value, torch.Tensor):
             raise BadInputError(f"{self.path}: {key!r} is not a tensor")
+        if value.layout == torch.sparse_coo:
+            return value.to_dense()
         return value
 
     def close(self) -> None:

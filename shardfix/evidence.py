@@ -1,0 +1,98 @@
+"""Evidence from the data: which vocab rows were trained, which trailing values are padding.
+
+Target shapes are the truth; evidence only proposes and cross-checks. It reads a few tensors
+(an embedding's optimizer moment, small 1-D vectors), one at a time:
+
+* **Untrained vocab rows**: embedding rows whose Adam moments are exactly zero never received
+  gradient, so the true vocab is at most the first such row of a trailing all-zero run. (Only
+  embeddings: an ``lm_head``'s padded rows do get gradient, since the loss runs over all logits.)
+* **World-size padding**: trailing exact ones in a ``scalars``-like vector, and the world sizes
+  that padding implies (``pad = (-content) % world_size``).
+
+When the user's target disagrees -- trimming to 24000 discards row 24000 whose moments are
+non-zero -- the conversion still follows the target and a warning names the rows.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from shardfix.plan import Plan
+from shardfix.reconcile.padding import world_sizes_for
+from shardfix.sources.base import Source
+
+_EMBED = re.compile(r"(^|\.)(embed|wte|tok_embeddings|word_embeddings|embed_tokens|value_embeds?\.\d+)(\.weight)?$")
+_SCALARS = re.compile(r"(^|\.)(scalars|lambdas|skip_weights|.*_lambdas?)$")
+_MOMENTS = ("exp_avg_sq", "exp_avg", "momentum_buffer")
+MAX_VECTOR = 1 << 16
+
+
+def _ranges(rows: list[int], limit: int = 12) -> str:
+    """``[1, 2, 3, 7]`` -> ``"1-3, 7"`` (capped)."""
+    out: list[str] = []
+    start = prev = None
+    for r in rows:
+        if start is None:
+            start = prev = r
+        elif r == prev + 1:
+            prev = r
+        else:
+            out.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = prev = r
+    if start is not None:
+        out.append(f"{start}" if start == prev else f"{start}-{prev}")
+    return ", ".join(out[:limit]) + (" ..." if len(out) > limit else "")
+
+
+def gather_evidence(plan: Plan, source: Source) -> tuple[dict[str, Any], list[str]]:
+    """Read the few tensors evidence needs; return (findings, warnings)."""
+    findings: dict[str, Any] = {"vocab_rows": [], "padding_vectors": []}
+    warnings: list[str] = []
+    ledger = {e.source: e for e in plan.ledger if e.origin is None}
+    model_entries = {e.outputs[0]: e for e in ledger.values() if e.outputs and not e.outputs[0].startswith("state.")
+                     and e.kind == "tensor"}
+    state_keys = {o: e.source for e in ledger.values() for o in e.outputs if o.startswith("state.")}
+    target_vocab = plan.findings.get("target_vocab")
+    padded = plan.findings.get("padded_vocab")
+    for name, entry in model_entries.items():
+        shape = entry.shape or []
+        if _EMBED.search(name) and len(shape) == 2 and padded and shape[0] == padded:
+            moment = next((state_keys[f"state.{name}.{m}"] for m in _MOMENTS if f"state.{name}.{m}" in state_keys), None)
+            if moment is None:
+                continue
+            t = source.read_tensor(moment)
+            trained = (t.reshape(t.shape[0], -1) != 0).any(dim=1)
+            del t
+            rows = torch.nonzero(~trained).flatten().tolist()
+            last_trained = int(torch.nonzero(trained).max()) if bool(trained.any()) else -1
+            item = {"tensor": name, "rows": shape[0], "moment": moment, "untrained_rows": len(rows),
+                    "trailing_untrained_from": last_trained + 1, "likely_vocab_at_most": last_trained + 1}
+            findings["vocab_rows"].append(item)
+            if target_vocab is not None and target_vocab <= last_trained:
+                kept = target_vocab
+                discarded = torch.nonzero(trained[kept:]).flatten().add(kept).tolist()
+                warnings.append(
+                    f"{name}: trimming to vocab {target_vocab} discards row(s) {_ranges(discarded)} whose optimizer "
+                    f"moments ({moment}) are non-zero, i.e. tokens that were trained; check the tokenizer"
+                )
+    for name, entry in model_entries.items():
+        shape = entry.shape or []
+        if len(shape) == 1 and 0 < shape[0] <= MAX_VECTOR and _SCALARS.search(name) and entry.dtype in ("F32", "BF16", "F16"):
+            v = source.read_tensor(entry.source).float()
+            ones = 0
+            for x in reversed(v.tolist()):
+                if x != 1.0:
+                    break
+                ones += 1
+            sizes = [ws for ws in world_sizes_for(shape[0], shape[0] - ones) if ws <= 1024] if ones else []
+            item = {"tensor": name, "length": shape[0], "trailing_ones": ones, "implied_world_sizes": sizes[:16]}
+            findings["padding_vectors"].append(item)
+            out_shape = next((t.shape for f in plan.files for t in f.tensors if t.source == entry.source), None)
+            if out_shape is not None and out_shape and out_shape[0] < shape[0] - ones:
+                cut = v[out_shape[0]:shape[0] - ones]
+                warnings.append(f"{name}: the target length {out_shape[0]} also trims {cut.numel()} value(s) that are not "
+                                f"padding ones (indices {out_shape[0]}..{shape[0] - ones - 1})")
+    return findings, warnings
