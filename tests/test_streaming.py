@@ -200,3 +200,17 @@ def test_streamed_bytes_are_crc_checked(fsdp_ckpt: Path, tmp_path: Path, key: st
     assert not list((tmp_path / "o" / execute.STAGING).glob("*.safetensors")), "no damaged file is staged"
     with pytest.raises(IncompleteSourceError, match="fails its CRC-32 check"):
         DcpSource(ckpt).read_tensor(key)  # the assembling path: the fast read declines, decoding names it
+
+
+def test_evidence_reads_embedding_moments_in_row_blocks(fsdp_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evidence's untrained-row scan reads row blocks (bounded memory) and agrees with reading it whole."""
+    from shardfix import evidence
+    from shardfix.sources.dcp import DcpSource
+
+    src = DcpSource(fsdp_ckpt)
+    key = "optim.state.embed.weight.exp_avg_sq"
+    whole = (src.read_tensor(key).reshape(1024, -1) != 0).any(dim=1)
+    monkeypatch.setattr(evidence, "_ROW_BLOCK", 1000)  # several reads per chunk, a partial last block
+    monkeypatch.setattr(src, "read_tensor", lambda k: pytest.fail("read the tensor whole"))
+    blocks = evidence._rows_with_nonzero(src, key)
+    assert torch.equal(blocks, whole) and 0 < int(blocks.sum()) < 1024
