@@ -203,9 +203,10 @@ def staged_result(out: Path, of: OutputFile) -> dict[str, Any] | None:
 #: (2 CPUs, README "Performance"): one process converts a DCP checkpoint at about 1 GB/s
 #: (streamed from the page cache to the output disk, fsync included) ...
 INLINE_GBPS = 1.0
-#: ... while a local Ray instance costs 13-22 s before it has done any work -- ``ray.init``,
-#: then every worker importing torch -- plus ~1.5 s to shut down.
-RAY_START_S = 15.0
+#: ... while a local Ray instance costs 6-7 s before it has done any work on a quiet machine
+#: (``ray.init``, then every worker importing torch, and ~1.5 s to shut down) and 13-22 s on
+#: a loaded one.
+RAY_START_S = 10.0
 #: Parallel file tasks stop paying once the disk is saturated; lacking a measurement of the
 #: output disk, assume it absorbs about this many concurrent streams at full speed.
 DISK_STREAMS = 4
