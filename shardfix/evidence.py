@@ -47,6 +47,47 @@ def _ranges(rows: list[int], limit: int = 12) -> str:
     return ", ".join(out[:limit]) + (" ..." if len(out) > limit else "")
 
 
+#: Bytes read at a time when a source can say where a tensor's bytes lie.
+_ROW_BLOCK = 16 << 20
+
+
+def _rows_with_nonzero(source: Source, key: str) -> torch.Tensor:
+    """Per row of the 2-D tensor ``key``: does it hold a non-zero value?
+
+    Reads the tensor a block of rows at a time when the source can say where its bytes lie
+    (``byte_ranges``), so memory stays at one block however large the embedding; otherwise
+    reads it whole.
+    """
+    entry = next((e for e in source.index.tensors() if e.key == key), None)
+    ranges = getattr(source, "byte_ranges", lambda _k: None)(key) if entry is not None else None
+    if entry is None or ranges is None:
+        t = source.read_tensor(key)
+        return (t.reshape(t.shape[0], -1) != 0).any(dim=1)
+    from shardfix.dtypes import torch_dtype
+    from shardfix.sources.records import read_into
+
+    dtype = torch_dtype(entry.dtype)
+    rows = entry.shape[0]
+    row_bytes = entry.nbytes // rows if rows else 0
+    out = torch.zeros(rows, dtype=torch.bool)
+    if not row_bytes:
+        return out
+    per = max(1, _ROW_BLOCK // row_bytes)
+    buf = torch.empty(per * row_bytes, dtype=torch.uint8)
+    done = 0
+    for r in ranges:
+        if r.nbytes % row_bytes:  # a range that does not hold whole rows: read it the plain way
+            t = source.read_tensor(key)
+            return (t.reshape(rows, -1) != 0).any(dim=1)
+        for first in range(0, r.nbytes // row_bytes, per):
+            n = min(per, r.nbytes // row_bytes - first)
+            view = buf[: n * row_bytes]
+            read_into(r.fd, r.offset + first * row_bytes, memoryview(view.numpy()), r.origin, key)
+            out[done : done + n] = (view.view(dtype).reshape(n, -1) != 0).any(dim=1)
+            done += n
+    return out
+
+
 def gather_evidence(plan: Plan, source: Source) -> tuple[dict[str, Any], list[str]]:
     """Read the few tensors evidence needs; return (findings, warnings)."""
     findings: dict[str, Any] = {"vocab_rows": [], "padding_vectors": []}
@@ -63,9 +104,7 @@ def gather_evidence(plan: Plan, source: Source) -> tuple[dict[str, Any], list[st
             moment = next((state_keys[f"state.{name}.{m}"] for m in _MOMENTS if f"state.{name}.{m}" in state_keys), None)
             if moment is None:
                 continue
-            t = source.read_tensor(moment)
-            trained = (t.reshape(t.shape[0], -1) != 0).any(dim=1)
-            del t
+            trained = _rows_with_nonzero(source, moment)
             rows = torch.nonzero(~trained).flatten().tolist()
             last_trained = int(torch.nonzero(trained).max()) if bool(trained.any()) else -1
             item = {"tensor": name, "rows": shape[0], "moment": moment, "untrained_rows": len(rows),

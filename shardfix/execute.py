@@ -1,9 +1,12 @@
 """Run a plan: one task per output file, inline or as Ray tasks, then finish the directory.
 
 A task (:func:`write_file_task`) is a plain function of small, JSON-like arguments: it opens
-the source by path, reads the tensors its file needs one at a time, applies the planned ops,
-streams them into a safetensors file under ``OUT/.shardfix-staging/``, re-reads the file to
-check its checksum, and returns a small result. Only when every file is staged does
+the source by path and writes its file's tensors, in order, into a safetensors file under
+``OUT/.shardfix-staging/``, re-reading the file to check its checksum, and returns a small
+result. A tensor that is a plain byte run of the source (no ops, or a vocab trim / fused part:
+see :func:`~shardfix.reconcile.ops.byte_window`) whose source can say where its bytes lie
+(``byte_ranges``) is copied file to file through a small buffer; any other tensor is read
+whole, transformed with the planned ops and written. Only when every file is staged does
 :func:`finish` move them into place and write the index files, the param groups and, last,
 the report -- so an interrupted run never looks complete, and ``--resume`` reuses staged files
 whose checksums still match.
@@ -26,11 +29,13 @@ from typing import Any
 import torch
 
 from shardfix.digest import tensor_digest
+from shardfix.dtypes import itemsize
 from shardfix.errors import BadInputError, InternalError, OutputError
 from shardfix.plan import COMPANIONS, MODEL, OPTIMIZER, OutputFile, OutputTensor, Plan
-from shardfix.reconcile.ops import apply_ops
+from shardfix.reconcile.ops import apply_ops, byte_window
 from shardfix.report import REPORT_NAME
 from shardfix.safetensors_io import StreamingWriter, TensorSpec, file_checksum, index_json, write_json_atomic
+from shardfix.sources.base import ByteRange
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +137,30 @@ def verify_by_digest(path: Path, specs: list[TensorSpec], metadata: dict[str, st
                                   f"{digests[s.name]}; the copy from {device} or the write was corrupted")
 
 
+def clip_ranges(ranges: list[ByteRange], start: int, stop: int) -> list[ByteRange]:
+    """The part ``[start, stop)`` of the concatenation of ``ranges``."""
+    out, pos = [], 0
+    for r in ranges:
+        lo, hi = max(start, pos), min(stop, pos + r.nbytes)
+        if lo < hi:
+            out.append(r._replace(offset=r.offset + lo - pos, nbytes=hi - lo))
+        pos += r.nbytes
+    return out
+
+
+def stream_ranges(src: Any, entries: dict[str, Any], t: OutputTensor) -> list[ByteRange] | None:
+    """Where ``t``'s bytes lie in the source files, when it can be copied rather than computed."""
+    entry = entries.get(t.source)
+    byte_ranges = getattr(src, "byte_ranges", None)
+    if getattr(t, "origin", "source") != "source" or entry is None or byte_ranges is None or t.dtype != entry.dtype:
+        return None
+    window = byte_window(tuple(entry.shape), itemsize(entry.dtype), t.ops)
+    if window is None or window[1] - window[0] != t.nbytes:
+        return None
+    ranges = byte_ranges(t.source)
+    return None if ranges is None else clip_ranges(ranges, *window)
+
+
 def write_file_task(ctx: dict[str, Any], file: dict[str, Any]) -> dict[str, Any]:
     """Write one planned output file into the staging directory; return what was written.
 
@@ -158,10 +187,22 @@ def write_file_task(ctx: dict[str, Any], file: dict[str, Any]) -> dict[str, Any]
     specs = [TensorSpec(t.name, t.dtype, tuple(t.shape)) for t in of.tensors]
     digests: dict[str, str] = {}
     read_s = compute_s = 0.0
+    streamed = 0
+    # tensors that are plain byte runs of the source are copied, not decoded; on a GPU run the
+    # per-tensor digests are computed on the device, so every tensor goes through it
+    stream = verify_mode == "xxh3"
     last_key: tuple[str, str] | None = None
     last: torch.Tensor | None = None
+    entries = {e.key: e for e in src.index.tensors()}
     with StreamingWriter(staging / of.name, specs, of.metadata) as writer:
         for i, t in enumerate(of.tensors):
+            ranges = stream_ranges(src, entries, t) if stream else None
+            if ranges is not None:
+                writer.write_ranges(t.name, t.dtype, tuple(t.shape), ranges)
+                streamed += 1
+                if delay and i == 0:
+                    time.sleep(delay)  # test hook: be mid-write when killed
+                continue
             if t.ops and t.ops[0]["op"] == "value":
                 tensor = apply_ops(None, t.ops)
                 if device.type == "cuda":
@@ -190,30 +231,23 @@ def write_file_task(ctx: dict[str, Any], file: dict[str, Any]) -> dict[str, Any]
             if delay and i == 0:
                 time.sleep(delay)  # test hook: be mid-write when killed
         last = None
-        written = writer.finish()
+        # xxh3 mode: the file is re-read and re-hashed while the fsync runs (inside finish)
+        v0 = time.perf_counter()
+        written = writer.finish(verify=ctx.get("verify", True) and verify_mode == "xxh3")
     result = asdict(written)
     result.update(set=of.set, fingerprint=of.fingerprint())
-    v0 = time.perf_counter()
-    if ctx.get("verify", True):
-        if verify_mode == "digest":
-            try:
-                verify_by_digest(staging / of.name, specs, of.metadata, digests, device)
-            except OutputError:
-                (staging / of.name).unlink(missing_ok=True)
-                raise
-        else:
-            again_sum = file_checksum(staging / of.name)
-            if again_sum != written.checksum:
-                (staging / of.name).unlink(missing_ok=True)
-                raise OutputError(
-                    f"{staging / of.name}: re-read checksum {again_sum} differs from the bytes written "
-                    f"({written.checksum}); the disk or filesystem corrupted the write"
-                )
+    if ctx.get("verify", True) and verify_mode == "digest":
+        try:
+            verify_by_digest(staging / of.name, specs, of.metadata, digests, device)
+        except OutputError:
+            (staging / of.name).unlink(missing_ok=True)
+            raise
     result["verified"] = verify_mode if ctx.get("verify", True) else None
     result["seconds"] = round(time.perf_counter() - t0, 4)
     result["read_seconds"] = round(read_s, 4)
     result["compute_seconds"] = round(compute_s, 4)
     result["verify_seconds"] = round(time.perf_counter() - v0, 4)
+    result["streamed_tensors"] = streamed
     result["device"] = str(device)
     write_json_atomic(staging / f"{of.name}.done.json", result)
     return result
@@ -274,25 +308,54 @@ def staged_result(out: Path, of: OutputFile) -> dict[str, Any] | None:
 # -- executors ----------------------------------------------------------------------------------
 
 
+#: What ``--executor auto`` weighs, measured with ``scripts/bench`` on the reference machine
+#: (2 CPUs, README "Performance"): one process converts a DCP checkpoint at about 1 GB/s
+#: (streamed from the page cache to the output disk, fsync included) ...
+INLINE_GBPS = 1.0
+#: ... while a local Ray instance costs 6-7 s before it has done any work on a quiet machine
+#: (``ray.init``, then every worker importing torch, and ~1.5 s to shut down) and 13-22 s on
+#: a loaded one.
+RAY_START_S = 10.0
+#: Parallel file tasks stop paying once the disk is saturated; lacking a measurement of the
+#: output disk, assume it absorbs about this many concurrent streams at full speed.
+DISK_STREAMS = 4
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def choose_executor(plan: Plan, requested: str, workers: int | None, ray_address: str | None) -> tuple[str, str]:
     """Pick ``inline`` or ``ray`` for ``--executor auto`` and say why.
 
-    ``ray_address`` is the effective address: ``--ray-address`` or ``RAY_ADDRESS``.
+    ``ray_address`` is the effective address: ``--ray-address`` or ``RAY_ADDRESS``. Otherwise
+    Ray is chosen only when its estimated time -- start-up plus the work split over the files
+    that can run at once (bounded by CPUs, ``--workers``, files and the disk) -- beats
+    converting inline; see :data:`INLINE_GBPS` and :data:`RAY_START_S`.
     """
     if requested != "auto":
         return requested, f"--executor {requested}"
     if ray_address:
         return "ray", f"Ray cluster at {ray_address} (--ray-address or RAY_ADDRESS): run on it"
     n_files = len(plan.files)
-    cpus = os.cpu_count() or 1
+    cpus = _usable_cpus()
+    gb = plan.total_bytes / 1e9
+    inline_s = gb / INLINE_GBPS
     if n_files < 2:
-        return "inline", "one output file: nothing to run in parallel"
-    if (workers or cpus) < 3 or cpus < 3:
-        return "inline", (f"{cpus} CPUs: conversion is bound by memory copies and disk, and starting Ray "
-                          "(several seconds and ~1 GB) would cost more than it saves")
-    if plan.total_bytes < 2 * 10**9:
-        return "inline", f"{plan.total_bytes / 1e9:.2f} GB: less than Ray's start-up would save"
-    return "ray", f"{plan.total_bytes / 1e9:.2f} GB over {n_files} files on {cpus} CPUs: parallel tasks"
+        return "inline", "one output file: nothing to run in parallel (a file is one task)"
+    parallel = min(workers or cpus, cpus, n_files, DISK_STREAMS)
+    if parallel < 2:
+        limit = "--workers 1" if workers == 1 else f"{cpus} usable CPU(s)"
+        return "inline", f"{limit}: no parallelism for Ray to add"
+    ray_s = RAY_START_S + inline_s / parallel
+    estimate = (f"{gb:.2f} GB: ~{inline_s:.0f} s inline at ~{INLINE_GBPS:g} GB/s vs ~{ray_s:.0f} s on Ray "
+                f"(~{RAY_START_S:.0f} s to start, then {parallel} files at a time)")
+    if ray_s >= inline_s:
+        return "inline", estimate
+    return "ray", estimate
 
 
 class Progress:

@@ -107,3 +107,50 @@ def out_shape(shape: tuple[int, ...], ops: list[Op]) -> tuple[int, ...]:
             continue
         meta = apply_ops(meta, [op])
     return tuple(meta.shape)
+
+
+def byte_window(shape: tuple[int, ...], itemsize: int, ops: list[Op]) -> tuple[int, int] | None:
+    """The run ``[start, stop)`` of the source's row-major bytes that ``apply_ops`` returns.
+
+    Defined when every op keeps the result one contiguous run of the source's bytes: a
+    ``narrow`` or ``select`` whose leading dimensions all have size 1 (a vocab trim on dim 0, a
+    fused part), or a ``reshape``. Any other op (cast, transpose, blocks, grow, value) gives
+    None: the tensor must be computed, not copied.
+    """
+    shape = tuple(shape)
+    start = 0
+    for op in ops:
+        kind = op["op"]
+        if kind in ("narrow", "select"):
+            dim = op["dim"] % len(shape) if shape else 0
+            if not shape or any(d != 1 for d in shape[:dim]):
+                return None
+            row = itemsize
+            for d in shape[dim + 1 :]:
+                row *= d
+            if kind == "narrow":
+                if op["start"] < 0 or op["length"] < 0 or op["start"] + op["length"] > shape[dim]:
+                    return None
+                start += op["start"] * row
+                shape = (*shape[:dim], op["length"], *shape[dim + 1 :])
+            else:
+                index = op["index"] % shape[dim] if shape[dim] else -1
+                if index < 0 or not -shape[dim] <= op["index"] < shape[dim]:
+                    return None
+                start += index * row
+                shape = (*shape[:dim], *shape[dim + 1 :])
+        elif kind == "reshape":
+            new = tuple(op["shape"])
+            if -1 in new or _numel(new) != _numel(shape):
+                return None
+            shape = new
+        else:
+            return None
+    return start, start + _numel(shape) * itemsize
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
 
@@ -34,6 +34,29 @@ class Chunk:
     @property
     def numel(self) -> int:
         return numel(self.sizes)
+
+
+class MemberCheck(NamedTuple):
+    """A CRC-32 over the ``nbytes`` bytes at ``start`` of a file: a zip member holding a range.
+
+    A reader of the range also reads what the range leaves out of the member and compares.
+    """
+
+    start: int
+    nbytes: int
+    crc32: int
+    key: str  # the checkpoint key, for messages
+    member: str  # the member's name in the record, for messages
+
+
+class ByteRange(NamedTuple):
+    """``nbytes`` bytes at ``offset`` of the open file ``fd`` (``origin`` names it in errors)."""
+
+    fd: int
+    offset: int
+    nbytes: int
+    origin: Path
+    check: MemberCheck | None = None
 
 
 @dataclass(slots=True)
@@ -99,6 +122,10 @@ class Source(Protocol):
         ...
 
     def close(self) -> None: ...
+
+    # Optional: ``byte_ranges(key) -> list[ByteRange] | None`` -- the tensor's row-major bytes as
+    # runs of its files, in order, or None when they are not stored that plainly. Executors
+    # stream such tensors from the source file into the output file without assembling them.
 
 
 def join_key(path: tuple[PathPart, ...]) -> str:

@@ -8,7 +8,10 @@ is built, before any tensor byte is read.
 
 Each chunk record is a complete ``torch.save`` zip archive (or a zstd frame holding one, or,
 for ``serialization_format=SAFETENSORS`` saves, a tensor inside a safetensors file). Records
-are read by byte range and decoded with ``weights_only=True``.
+are read by byte range. A plain record (the usual case) is not decoded at all:
+:mod:`shardfix.sources.fastrecord` finds its tensor's bytes, which are read straight into the
+destination (or streamed to the output, see :meth:`DcpSource.byte_ranges`); anything else is
+decoded with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import torch
 from shardfix.dtypes import itemsize, numel, st_name, torch_dtype
 from shardfix.errors import BadInputError, IncompleteSourceError, ShardfixError
 from shardfix.safe_pickle import is_weights_only_refusal, load_metadata_pickle, refused_global
-from shardfix.sources.base import Chunk, ObjectEntry, SourceIndex, TensorEntry
+from shardfix.sources import fastrecord
+from shardfix.sources.base import ByteRange, Chunk, MemberCheck, ObjectEntry, SourceIndex, TensorEntry
 from shardfix.sources.records import decode_record, read_exact, read_into
 from shardfix.sources.zipcheck import check_zip_record
 
@@ -294,8 +298,12 @@ class DcpSource:
         if header is not None:
             t = self._read_safetensors_chunk(entry, chunk, header)
         else:
-            raw = self._read(chunk, entry.key)
-            t = decode_record(raw, chunk.transforms, origin, entry.key)
+            t = None
+            if not chunk.transforms:
+                t = fastrecord.read_tensor(self._fd(chunk.file or ""), chunk.byte_offset, chunk.length, dtype, chunk.sizes)
+            if t is None:
+                raw = self._read(chunk, entry.key)
+                t = decode_record(raw, chunk.transforms, origin, entry.key)
         if t.dtype != dtype or tuple(t.shape) != chunk.sizes:
             raise IncompleteSourceError(
                 f"{origin}: record for {entry.key} at {list(chunk.offsets)} holds "
@@ -348,12 +356,49 @@ class DcpSource:
         for chunk in entry.chunks:
             if chunk.numel == 0:
                 continue
-            part = self.read_chunk(entry, chunk)
             view = out
             for dim, (o, s) in enumerate(zip(chunk.offsets, chunk.sizes, strict=True)):
                 view = view.narrow(dim, o, s)
-            view.copy_(part)
+            layout = self._layout(chunk)
+            if layout is not None and layout.dtype == dtype and fastrecord.read_into(self._fd(chunk.file or ""), layout, view):
+                continue  # read straight into ``out``
+            view.copy_(self.read_chunk(entry, chunk))
         return out
+
+    def _layout(self, chunk: Chunk) -> fastrecord.RecordLayout | None:
+        """Where a plain torch.save record's tensor lies, or None (decode it instead)."""
+        if chunk.transforms or chunk.file is None or self._safetensors_header(chunk.file) is not None:
+            return None
+        return fastrecord.locate(self._fd(chunk.file), chunk.byte_offset, chunk.length)
+
+    def byte_ranges(self, key: str) -> list[ByteRange] | None:
+        """The tensor's row-major bytes as file runs, when every chunk is a plain record of whole rows."""
+        entry = self._entry(key)
+        dtype = torch_dtype(entry.dtype)
+        ranges = []
+        for chunk in sorted((c for c in entry.chunks if c.numel), key=lambda c: c.offsets):
+            if chunk.sizes[1:] != entry.shape[1:]:
+                return None  # not whole rows (e.g. sharded on dim 1): assemble instead
+            rel = chunk.file or ""
+            header = self._safetensors_header(rel)
+            if header is not None:
+                info = header.get(entry.key)
+                if info is None or info["dtype"] != entry.dtype or tuple(info["shape"]) != chunk.sizes:
+                    return None  # read_chunk reports the mismatch
+                start, end = info["data_offsets"]
+                ranges.append(ByteRange(self._fd(rel), header["__base__"] + start, end - start, self.path / rel))
+                continue
+            layout = self._layout(chunk)
+            run = layout.contiguous_range() if layout is not None else None
+            if run is None or layout.dtype != dtype or layout.shape != chunk.sizes:
+                return None
+            check = None
+            if layout.crc32:  # the reader checks the storage member's CRC-32 as it streams it
+                check = MemberCheck(layout.storage_start, layout.storage_nbytes, layout.crc32, key, layout.member)
+            ranges.append(ByteRange(self._fd(rel), run[0], run[1], self.path / rel, check))
+        if sum(r.nbytes for r in ranges) != entry.nbytes:
+            return None
+        return ranges
 
     def _entry(self, key: str) -> TensorEntry:
         if not hasattr(self, "_by_key"):
