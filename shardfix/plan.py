@@ -13,7 +13,7 @@ import json
 import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from shardfix.dtypes import CAST_CHOICES, FLOAT_NAMES, itemsize, numel
 from shardfix.errors import ReconcileConflictError
@@ -33,6 +33,8 @@ from shardfix.reconcile.optimizer import (
 from shardfix.reconcile.padding import ShapeFix, looks_padded_vocab, reconcile_shape
 from shardfix.sources.base import ObjectEntry, SourceIndex, TensorEntry
 from shardfix.targets import Targets
+
+T = TypeVar("T")
 
 MODEL = "model"
 OPTIMIZER = "optimizer"
@@ -777,18 +779,25 @@ def _jsonable(v: Any) -> bool:
         return False
 
 
+def pack_in_order(items: list[T], budget: int) -> list[list[T]]:
+    """Group ``items`` (anything with ``nbytes``), keeping their order, into runs of at most
+    ``budget`` bytes; an item larger than the budget is a group of its own."""
+    groups: list[list[T]] = [[]]
+    size = 0
+    for item in items:
+        if groups[-1] and size + item.nbytes > budget:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += item.nbytes
+    return groups if groups[0] else []
+
+
 def _assign_files(tensors: list[OutputTensor], kind: str, max_bytes: int) -> list[OutputFile]:
     """Group tensors, in order, into files of at most ``max_bytes`` (a bigger tensor gets its own)."""
     if not tensors:
         return []
-    groups: list[list[OutputTensor]] = [[]]
-    size = 0
-    for t in tensors:
-        if groups[-1] and size + t.nbytes > max_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(t)
-        size += t.nbytes
+    groups = pack_in_order(tensors, max_bytes)
     prefix = SET_PREFIX[kind]
     n = len(groups)
     names = [f"{prefix}.safetensors"] if n == 1 else [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]

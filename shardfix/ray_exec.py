@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from shardfix.errors import BadInputError, InternalError, ShardfixError
-from shardfix.plan import OutputFile
+from shardfix.plan import OutputFile, pack_in_order
 
 log = logging.getLogger(__name__)
 
@@ -197,15 +197,7 @@ def group_files(files: list[OutputFile], slots: int, budget: int | None = None) 
         env = os.environ.get("SHARDFIX_TASK_BYTES")
         cap = int(env) if env else TASK_BYTES
         budget = min(cap, max(1, math.ceil(total / (4 * max(1, slots)))))
-    groups: list[list[OutputFile]] = [[]]
-    size = 0
-    for f in files:
-        if groups[-1] and size + f.nbytes > budget:
-            groups.append([])
-            size = 0
-        groups[-1].append(f)
-        size += f.nbytes
-    return groups
+    return pack_in_order(files, budget)
 
 
 def task_memory(group: list[OutputFile]) -> int:

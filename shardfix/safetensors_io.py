@@ -30,6 +30,7 @@ import xxhash
 from shardfix.dtypes import itemsize, numel, st_name
 from shardfix.errors import IncompleteSourceError, InternalError, OutputError
 from shardfix.sources.base import ByteRange
+from shardfix.sources.records import read_into
 
 HASH_NAME = "xxh3_64"
 #: Bytes moved per step: small enough that a block read from the source is still in the CPU
@@ -266,17 +267,9 @@ class StreamingWriter:
                 job.result()
                 self._busy[slot] = None
             buf = self._ring[slot]
-            want = min(BLOCK, nbytes - done)
-            try:
-                n = os.preadv(r.fd, [buf[:want]], offset + done)
-            except OSError as e:
-                raise IncompleteSourceError(f"{r.origin}: read error for {name}: {e.strerror}") from e
-            if n == 0:
-                raise IncompleteSourceError(
-                    f"{r.origin}: ends after {offset + done} bytes while reading {name} "
-                    f"(needs {offset + nbytes}); the file is truncated -- copy it again"
-                )
+            n = min(BLOCK, nbytes - done)
             block = buf[:n]
+            read_into(r.fd, offset + done, block, r.origin, name)
             if crc is not None:
                 if self._crc_pool is None:
                     self._crc_pool = ThreadPoolExecutor(1, thread_name_prefix="shardfix-crc")
