@@ -22,7 +22,7 @@ log = logging.getLogger("shardfix")
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # usage errors: exit 2 with one line
-        self.exit(2, f"shardfix: error: {message} (see shardfix {self.prog.split()[-1]} --help)\n")
+        self.exit(2, f"shardfix: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_reconcile(p: argparse.ArgumentParser) -> None:
