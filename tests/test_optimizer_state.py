@@ -264,6 +264,18 @@ def test_optimizers_list_without_names_needs_param_names_file(tmp_path: Path) ->
 WS = 8
 
 
+def _compiled_nano_after_one_adam_step() -> tuple[nn.Module, torch.optim.Adam]:
+    """A torch.compile-style wrapped NanoLike and a real Adam after one step on random tokens."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model._orig_mod = NanoLike()
+    adam = torch.optim.Adam(model.parameters(), lr=0.01)
+    tokens = torch.randint(0, V, (2, 8))
+    nn.functional.cross_entropy(model._orig_mod(tokens).flatten(0, 1), tokens.flatten()).backward()
+    adam.step()
+    return model, adam
+
+
 @pytest.fixture(scope="module")
 def distadam(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """What rank 0 of an 8-rank DistAdam saves: rows 0..n/8-1 of every moment.
@@ -272,13 +284,7 @@ def distadam(tmp_path_factory: pytest.TempPathFactory) -> dict:
     moments are exactly rows 0..n/8-1 of the moments a full Adam keeps for the same gradients:
     run a real Adam and keep those rows.
     """
-    torch.manual_seed(0)
-    model = nn.Module()
-    model._orig_mod = NanoLike()
-    adam = torch.optim.Adam(model.parameters(), lr=0.01)
-    tokens = torch.randint(0, V, (2, 8))
-    nn.functional.cross_entropy(model._orig_mod(tokens).flatten(0, 1), tokens.flatten()).backward()
-    adam.step()
+    model, adam = _compiled_nano_after_one_adam_step()
     sd = adam.state_dict()
     for st in sd["state"].values():
         for k in ("exp_avg", "exp_avg_sq"):
@@ -388,13 +394,7 @@ def _per_rank_files(dirname: Path, distadam: dict, ranks: range, ws: int = WS, n
     Built, like the ``distadam`` fixture, from a real Adam's full moments (DistAdam's per-rank
     update is elementwise on its rows); the model is saved by rank 0 only.
     """
-    torch.manual_seed(0)
-    model = nn.Module()
-    model._orig_mod = NanoLike()
-    adam = torch.optim.Adam(model.parameters(), lr=0.01)
-    tokens = torch.randint(0, V, (2, 8))
-    nn.functional.cross_entropy(model._orig_mod(tokens).flatten(0, 1), tokens.flatten()).backward()
-    adam.step()
+    model, adam = _compiled_nano_after_one_adam_step()
     full = adam.state_dict()
     dirname.mkdir()
     for r in ranks:
