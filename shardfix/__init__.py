@@ -2,7 +2,7 @@
 
 Public API:
     :func:`shardfix.api.convert` -- plan and execute a conversion.
-    :func:`shardfix.api.inspect_source` / :func:`shardfix.api.plan_conversion`.
+    :func:`shardfix.api.inspect_source` / :func:`shardfix.api.plan_conversion` -- describe or plan.
     :func:`shardfix.optim_load.load_optimizer_state` -- restore written state by name.
 """
 

@@ -15,7 +15,7 @@ from shardfix.plan import Plan, build_plan
 from shardfix.report import REPORT_NAME, build_report
 from shardfix.safetensors_io import write_json_atomic
 from shardfix.sources import open_source
-from shardfix.sources.base import SourceIndex
+from shardfix.sources.base import Source, SourceIndex
 from shardfix.target_sources import merge_targets
 
 log = logging.getLogger(__name__)
@@ -23,15 +23,17 @@ log = logging.getLogger(__name__)
 
 def load_index(src: str | Path, opts: ConvertOptions | None = None) -> SourceIndex:
     """Open a checkpoint and return its metadata index (no tensor data read)."""
-    trust = bool(opts and opts.trust_pickle)
-    source = open_source(src, trust_pickle=trust)
+    source = open_source(src, trust_pickle=bool(opts and opts.trust_pickle))
     try:
-        index = source.index
+        return _logged_index(source)
     finally:
         source.close()
-    for note in pickle_warnings(index):
+
+
+def _logged_index(source: Source) -> SourceIndex:
+    for note in pickle_warnings(source.index):
         log.warning("warning: %s", note)
-    return index
+    return source.index
 
 
 def pickle_warnings(index: SourceIndex) -> list[str]:
@@ -39,11 +41,11 @@ def pickle_warnings(index: SourceIndex) -> list[str]:
     return [n for n in index.notes if n.startswith("--trust-pickle:") or "only full unpickling can read" in n]
 
 
-def plan_conversion(src: str | Path, opts: ConvertOptions | None = None) -> Plan:
-    """Plan converting ``src`` (metadata only)."""
+def plan_conversion(src: str | Path, opts: ConvertOptions | None = None, *, source: Source | None = None) -> Plan:
+    """Plan converting ``src`` (metadata only); ``source`` is ``src`` already opened, if it is."""
     opts = opts or ConvertOptions()
     t0 = time.perf_counter()
-    index = load_index(src, opts)
+    index = _logged_index(source) if source is not None else load_index(src, opts)
     companions = load_index(opts.companions) if opts.companions else None
     t1 = time.perf_counter()
     plan = build_plan(index, opts, merge_targets(opts), companions)
@@ -53,17 +55,33 @@ def plan_conversion(src: str | Path, opts: ConvertOptions | None = None) -> Plan
     return plan
 
 
-def add_evidence(plan: Plan, src: str | Path, opts: ConvertOptions) -> None:
-    """Read the few tensors evidence needs and record findings and warnings on the plan."""
+def add_evidence(plan: Plan, source: Source) -> None:
+    """Read the few tensors evidence needs from the opened ``source``; record them on the plan."""
     from shardfix.evidence import gather_evidence
 
-    source = open_source(src, trust_pickle=opts.trust_pickle)
-    try:
-        findings, warnings = gather_evidence(plan, source)
-    finally:
-        source.close()
+    findings, warnings = gather_evidence(plan, source)
     plan.findings["evidence"] = findings
     plan.warnings.extend(warnings)
+
+
+def inspect_source(src: str | Path, opts: ConvertOptions | None = None, *, profile: str | None = None,
+                   target_config: str | None = None, evidence: bool = True) -> dict[str, Any]:
+    """Describe a checkpoint (``shardfix inspect``), opening it once; with ``evidence`` also read
+    the few tensors that show trained vocab rows and world-size padding."""
+    from shardfix.inspect import add_evidence_lines, inspect_index
+
+    opts = opts or ConvertOptions()
+    source = open_source(src, trust_pickle=opts.trust_pickle)
+    try:
+        index = _logged_index(source)
+        info = inspect_index(index, profile, target_config)
+        if evidence:
+            plan = build_plan(index, opts)
+            add_evidence(plan, source)
+            add_evidence_lines(info, plan.findings["evidence"])
+    finally:
+        source.close()
+    return info
 
 
 def convert(src: str | Path, out: str | Path, opts: ConvertOptions | None = None) -> dict[str, Any]:
@@ -76,8 +94,12 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions | None = None
     opts = opts or ConvertOptions()
     out = Path(out)
     t0 = time.perf_counter()
-    plan = plan_conversion(src, opts)
-    add_evidence(plan, src, opts)
+    source = open_source(src, trust_pickle=opts.trust_pickle)  # opened once for the plan and the evidence
+    try:
+        plan = plan_conversion(src, opts, source=source)
+        add_evidence(plan, source)
+    finally:
+        source.close()
     t_plan = time.perf_counter() - t0
     check_device(opts)  # before OUT is created: no GPU here is a usage error, not a failed run
     prepare_output(out, overwrite=opts.overwrite, resume=opts.resume)
@@ -104,4 +126,4 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions | None = None
     return report
 
 
-__all__ = ["convert", "plan_conversion", "load_index", "add_evidence"]
+__all__ = ["convert", "plan_conversion", "load_index", "add_evidence", "inspect_source"]

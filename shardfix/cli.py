@@ -135,29 +135,11 @@ def printable(text: str) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from shardfix.api import load_index
-    from shardfix.inspect import format_inspection, inspect_index
+    from shardfix.api import inspect_source
+    from shardfix.inspect import format_inspection
 
-    opts = ConvertOptions(trust_pickle=args.trust_pickle)
-    index = load_index(args.src, opts)
-    info = inspect_index(index, args.profile, args.target_config)
-    if not args.no_evidence:
-        from shardfix.api import add_evidence
-        from shardfix.plan import build_plan
-
-        plan = build_plan(index, ConvertOptions(trust_pickle=args.trust_pickle, no_optimizer=False))
-        add_evidence(plan, args.src, opts)
-        info["evidence"] = plan.findings["evidence"]
-        ev = info["evidence"]
-        extra = info.setdefault("extra", {})
-        for v in ev["vocab_rows"]:
-            extra[f"vocab rows ({v['tensor']})"] = (f"{v['rows']} rows; {v['untrained_rows']} never trained (all-zero "
-                                                    f"{v['moment'].rsplit('.', 1)[-1]}); trained rows end at "
-                                                    f"{v['trailing_untrained_from']} -> true vocab likely <= "
-                                                    f"{v['likely_vocab_at_most']}")
-        for v in ev["padding_vectors"]:
-            extra[f"padding ({v['tensor']})"] = (f"length {v['length']}, {v['trailing_ones']} trailing ones; implied "
-                                                 f"world sizes {v['implied_world_sizes'][:8]}")
+    info = inspect_source(args.src, ConvertOptions(trust_pickle=args.trust_pickle), profile=args.profile,
+                          target_config=args.target_config, evidence=not args.no_evidence)
     print(json.dumps(info, indent=2, default=str) if args.json else format_inspection(info))
     if info["architecture"].get("problems"):
         raise ReconcileConflictError(info["architecture"]["problems"])

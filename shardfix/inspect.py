@@ -99,3 +99,18 @@ def format_inspection(info: dict[str, Any], limit: int = 60) -> str:
         if len(info["objects"]) > 20:
             lines.append(f"  ... {len(info['objects']) - 20} more")
     return "\n".join(lines)
+
+
+def add_evidence_lines(info: dict[str, Any], evidence: dict[str, Any]) -> None:
+    """Put evidence findings into an inspection: as data, and as lines for the human table."""
+    info["evidence"] = evidence
+    extra = info.setdefault("extra", {})
+    for v in evidence["vocab_rows"]:
+        extra[f"vocab rows ({v['tensor']})"] = (
+            f"{v['rows']} rows; {v['untrained_rows']} never trained (all-zero {v['moment'].rsplit('.', 1)[-1]}); "
+            f"trained rows end at {v['trailing_untrained_from']} -> true vocab likely <= {v['likely_vocab_at_most']}"
+        )
+    for v in evidence["padding_vectors"]:
+        extra[f"padding ({v['tensor']})"] = (
+            f"length {v['length']}, {v['trailing_ones']} trailing ones; implied world sizes {v['implied_world_sizes'][:8]}"
+        )

@@ -88,3 +88,12 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     # clone, not .contiguous(): a 1-element view counts as contiguous yet may keep a stride != 1
     a, b = (x.clone(memory_format=torch.contiguous_format).reshape(-1) for x in (a, b))
     return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def flip(path: Path, at: int, mask: int = 0x01) -> None:
+    """XOR one byte of a file in place (a second call with the same mask restores it)."""
+    with path.open("r+b") as f:
+        f.seek(at)
+        b = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([b ^ mask]))

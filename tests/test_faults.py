@@ -33,7 +33,7 @@ from shardfix.options import ConvertOptions
 from shardfix.report import REPORT_NAME
 from shardfix.sources.dcp import DcpSource
 from shardfix.verify import verify_output
-from tests.conftest import ROOT, bits_equal
+from tests.conftest import ROOT, bits_equal, flip
 
 VOCAB = ["--vocab-size", "1000"]
 ROUTER = "model.router.weight"
@@ -85,14 +85,6 @@ def tensor_data_offset(path: Path, offset: int, length: int) -> int:
     n, m = int.from_bytes(raw[info.header_offset + 26 : info.header_offset + 28], "little"), int.from_bytes(
         raw[info.header_offset + 28 : info.header_offset + 30], "little")
     return offset + info.header_offset + 30 + n + m
-
-
-def flip(path: Path, at: int, mask: int = 0x01) -> None:
-    with path.open("r+b") as f:
-        f.seek(at)
-        b = f.read(1)[0]
-        f.seek(at)
-        f.write(bytes([b ^ mask]))
 
 
 def assert_not_complete(out: Path) -> None:

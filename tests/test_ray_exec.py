@@ -199,7 +199,7 @@ def test_interrupted_driver_then_resume(fsdp_ckpt, inline_ref, tmp_path):
 
 def test_device_cuda_without_gpu_exits_2(fsdp_ckpt, tmp_path):
     if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
+        pytest.skip("tests the error a machine without a GPU gives; this machine has a GPU, so that error cannot occur")
     out = tmp_path / "out"
     for executor in ("inline", "ray"):
         r = run_cli("convert", fsdp_ckpt, out, "--vocab-size", "1000", "--device", "cuda", "--executor", executor,

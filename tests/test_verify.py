@@ -21,6 +21,7 @@ from shardfix.options import ConvertOptions
 from shardfix.report import REPORT_NAME
 from shardfix.safetensors_io import file_checksum
 from shardfix.verify import verify_output
+from tests.conftest import flip
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +52,6 @@ def tensors(out: Path) -> list[tuple[Path, str, int, int]]:
                 s, e = info["data_offsets"]
                 rows.append((f, name, 8 + n + s, 8 + n + e))
     return rows
-
-
-def flip(path: Path, at: int, mask: int = 0x01) -> None:
-    with path.open("r+b") as fh:
-        fh.seek(at)
-        b = fh.read(1)[0]
-        fh.seek(at)
-        fh.write(bytes([b ^ mask]))
 
 
 def test_clean_output_verifies(converted: Path, fsdp_ckpt: Path) -> None:
