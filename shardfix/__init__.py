@@ -19,7 +19,7 @@ def __getattr__(name: str):  # lazy: keep `import shardfix` light for the CLI an
 
         return getattr(api, name)
     if name == "load_optimizer_state":
-        from shardfix.optim_load import load_optimizer_state
+        from shardfix.outputs.restore import load_optimizer_state
 
         return load_optimizer_state
     raise AttributeError(name)

@@ -13,10 +13,10 @@ from shardfix.execute import check_device, execute, prepare_output
 from shardfix.options import ConvertOptions
 from shardfix.plan import Plan, build_plan
 from shardfix.report import REPORT_NAME, build_report
-from shardfix.safetensors_io import write_json_atomic
+from shardfix.outputs.writer import write_json_atomic
 from shardfix.sources import open_source
 from shardfix.sources.base import Source, SourceIndex
-from shardfix.target_sources import merge_targets
+from shardfix.targets.files import merge_targets
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def plan_conversion(src: str | Path, opts: ConvertOptions | None = None, *, sour
 
 def add_evidence(plan: Plan, source: Source) -> None:
     """Read the few tensors evidence needs from the opened ``source``; record them on the plan."""
-    from shardfix.evidence import gather_evidence
+    from shardfix.plan.evidence import gather_evidence
 
     findings, warnings = gather_evidence(plan, source)
     plan.findings["evidence"] = findings

@@ -16,7 +16,7 @@ import shutil
 import sys
 import tempfile
 
-from shardfix.ray_exec import local_ray_env
+from shardfix.execute.ray import local_ray_env
 
 
 def main() -> int:

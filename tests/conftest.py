@@ -66,7 +66,7 @@ def ray_session():
     """One quiet, loopback-only local Ray instance shared by the session's Ray tests."""
     import ray
 
-    from shardfix.ray_exec import local_ray_env
+    from shardfix.execute.ray import local_ray_env
 
     os.environ.update(local_ray_env())
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))

@@ -96,7 +96,7 @@ def test_every_fused_layout_is_checked() -> None:
     c, _ = cfg(hidden_size=64, num_attention_heads=4)
     rules_ok = {"blocks.0.attn.qkvo_w": (64, 256), "blocks.1.attn.qkvo_w": (256, 64), "blocks.2.attn.qkvo_w": (4, 64, 64),
                 "attn_bank": (3, 256, 64), "qk_bank": (16, 32, 64), "vo_bank": (8, 64, 64)}
-    from shardfix.profiles._nanogpt import ATTENTION
+    from shardfix.inspect.profiles._nanogpt import ATTENTION
 
     assert check_architecture(rules_ok, c, ATTENTION) == []
     c8, _ = cfg(hidden_size=64, num_attention_heads=8, head_dim=8)

@@ -12,7 +12,7 @@ import torch
 from shardfix.api import load_index
 from shardfix.examples.nanogpt import VARIANTS, default_geometry, make_checkpoint, scalars_length
 from shardfix.inspect import inspect_index
-from shardfix.profiles import PROFILES, detect_profile
+from shardfix.inspect.profiles import PROFILES, detect_profile
 from tests.conftest import run_cli
 from tests.hf_checkpoint import hf_dir
 

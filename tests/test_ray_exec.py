@@ -215,7 +215,7 @@ def test_device_cuda_without_gpu_exits_2(fsdp_ckpt, tmp_path):
 
 def test_group_files_budget():
     from shardfix.plan import OutputFile, OutputTensor
-    from shardfix.ray_exec import group_files, task_memory
+    from shardfix.execute.ray import group_files, task_memory
 
     def f(i: int, n: int) -> OutputFile:
         return OutputFile(f"f{i}", "model", [OutputTensor(f"t{i}", f"t{i}", "U8", [n])])
@@ -258,7 +258,7 @@ def test_retryable_io_error_keeps_exit_code_and_cause_detection():
     import pickle
 
     from shardfix.errors import IncompleteSourceError
-    from shardfix.ray_exec import RetryableIOError, _io_cause
+    from shardfix.execute.ray import RetryableIOError, _io_cause
 
     e = pickle.loads(pickle.dumps(RetryableIOError("disk hiccup", 1)))
     assert str(e) == "disk hiccup" and e.exit_code == 1
@@ -274,7 +274,7 @@ def test_retryable_io_error_keeps_exit_code_and_cause_detection():
 
 
 def test_tensor_digest_is_byte_exact():
-    from shardfix.digest import tensor_digest
+    from shardfix.io.digest import tensor_digest
 
     a = torch.arange(1000, dtype=torch.float32).reshape(10, 100)
     assert tensor_digest(a) == tensor_digest(a.clone())

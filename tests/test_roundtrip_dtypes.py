@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from shardfix.api import convert
 from shardfix.dtypes import ST_TO_TORCH
 from shardfix.options import ConvertOptions
-from shardfix.safetensors_io import TensorSpec, build_header
+from shardfix.outputs.writer import TensorSpec, build_header
 from tests.conftest import bits_equal
 
 

@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING, Metadata
 from torch.serialization import _get_layout
 
 from shardfix.errors import BadInputError, ShardfixError, UnsafeInputError
-from shardfix.safe_pickle import MAX_METADATA_BYTES, load_metadata_pickle, loads_metadata
+from shardfix.io.safe_pickle import MAX_METADATA_BYTES, load_metadata_pickle, loads_metadata
 from shardfix.sources.dcp import DcpSource
 from shardfix.sources.records import decode_record
 from shardfix.sources.torchsave import load_torch_file

@@ -10,13 +10,14 @@ import torch
 import xxhash
 from safetensors.torch import load_file
 
-from shardfix import execute, safetensors_io
+from shardfix import execute
+from shardfix.outputs import writer as safetensors_io
 from shardfix.api import convert
 from shardfix.errors import IncompleteSourceError, OutputError
 from shardfix.options import ConvertOptions
 from shardfix.reconcile import ops as O
 from shardfix.reconcile.ops import apply_ops, byte_window
-from shardfix.safetensors_io import StreamingWriter, TensorSpec, file_checksum
+from shardfix.outputs.writer import StreamingWriter, TensorSpec, file_checksum
 from shardfix.sources.base import ByteRange
 from shardfix.verify import verify_output
 from tests.conftest import bits_equal
@@ -204,7 +205,7 @@ def test_streamed_bytes_are_crc_checked(fsdp_ckpt: Path, tmp_path: Path, key: st
 
 def test_evidence_reads_embedding_moments_in_row_blocks(fsdp_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Evidence's untrained-row scan reads row blocks (bounded memory) and agrees with reading it whole."""
-    from shardfix import evidence
+    from shardfix.plan import evidence
     from shardfix.sources.dcp import DcpSource
 
     src = DcpSource(fsdp_ckpt)

@@ -9,7 +9,7 @@ import pytest
 
 from shardfix.errors import BadInputError, ReconcileConflictError
 from shardfix.options import ConvertOptions
-from shardfix.target_sources import merge_targets, read_config, tokenizer_vocab
+from shardfix.targets.files import merge_targets, read_config, tokenizer_vocab
 
 
 def test_tokenizer_json_counts_added_tokens(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from shardfix.cli import main as cli_main
 from shardfix.errors import BadInputError
 from shardfix.options import ConvertOptions
 from shardfix.report import REPORT_NAME
-from shardfix.safetensors_io import file_checksum
+from shardfix.outputs.writer import file_checksum
 from shardfix.verify import verify_output
 from tests.conftest import flip
 

@@ -1,7 +1,7 @@
 """PyTorch Distributed Checkpoint (DCP) directories: ``.metadata`` plus ``__{rank}_{i}.distcp``.
 
 The index comes from the metadata pickle, loaded with the allowlist unpickler in
-:mod:`shardfix.safe_pickle` (never ``pickle.load``). A ``use_collectives=False`` save has one
+:mod:`shardfix.io.safe_pickle` (never ``pickle.load``). A ``use_collectives=False`` save has one
 ``__{rank}.metadata`` per rank instead; those are merged. Every tensor's chunk boxes must tile
 its global shape exactly and every record must lie inside its file -- checked when the index
 is built, before any tensor byte is read.
@@ -29,7 +29,7 @@ import torch
 
 from shardfix.dtypes import itemsize, numel, st_name, torch_dtype
 from shardfix.errors import BadInputError, IncompleteSourceError, ShardfixError
-from shardfix.safe_pickle import is_weights_only_refusal, load_metadata_pickle, refused_global
+from shardfix.io.safe_pickle import is_weights_only_refusal, load_metadata_pickle, refused_global
 from shardfix.sources import fastrecord
 from shardfix.sources.base import ByteRange, Chunk, MemberCheck, ObjectEntry, SourceIndex, TensorEntry
 from shardfix.sources.records import decode_record, read_exact, read_into

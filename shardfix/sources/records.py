@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from shardfix.errors import BadInputError, IncompleteSourceError, UnsafeInputError
-from shardfix.safe_pickle import is_weights_only_refusal, refused_global
+from shardfix.io.safe_pickle import is_weights_only_refusal, refused_global
 from shardfix.sources.zipcheck import check_zip_record
 
 ZIP_MAGIC = b"PK\x03\x04"

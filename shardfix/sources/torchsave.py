@@ -17,7 +17,7 @@ import torch
 
 from shardfix.dtypes import st_name
 from shardfix.errors import BadInputError, UnsafeInputError
-from shardfix.safe_pickle import is_weights_only_refusal, refused_global
+from shardfix.io.safe_pickle import is_weights_only_refusal, refused_global
 from shardfix.sources.base import ObjectEntry, PathPart, SourceIndex, TensorEntry, join_key
 
 NAME = "torch"

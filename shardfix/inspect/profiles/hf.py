@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from shardfix.profiles.base import Evidence, basic_dims, matching, model_shapes, prefix_reason
+from shardfix.inspect.profiles.base import Evidence, basic_dims, matching, model_shapes, prefix_reason
 from shardfix.reconcile.arch import head_candidates
 from shardfix.reconcile.fused import SplitRule
 from shardfix.sources.base import SourceIndex

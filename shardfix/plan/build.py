@@ -4,7 +4,7 @@ ledger entry for every source entry.
 Planning is pure and metadata-only: it sees the source index (keys, shapes, dtypes, small
 non-tensor values) and the options, and never reads tensor data. ``shardfix plan`` prints the
 result; ``shardfix convert`` executes it; the report records it. The plan's types live in
-:mod:`shardfix.plan_types` and optimizer planning in :mod:`shardfix.plan_optimizer`.
+:mod:`shardfix.plan.types` and optimizer planning in :mod:`shardfix.plan.optimizer`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 from shardfix.dtypes import CAST_CHOICES, FLOAT_NAMES
 from shardfix.errors import ReconcileConflictError
 from shardfix.options import ConvertOptions
-from shardfix.plan_optimizer import mark_partial_rows, plan_optimizer
-from shardfix.plan_types import (  # noqa: F401 - re-exported: the plan's public types
+from shardfix.plan.optimizer import mark_partial_rows, plan_optimizer
+from shardfix.plan.types import (  # noqa: F401 - re-exported: the plan's public types
     COMPANIONS,
     MODEL,
     OPTIMIZER,
@@ -30,7 +30,7 @@ from shardfix.plan_types import (  # noqa: F401 - re-exported: the plan's public
     Plan,
     pack_in_order,
 )
-from shardfix.profiles import splitter_for
+from shardfix.inspect.profiles import splitter_for
 from shardfix.reconcile import ops as O
 from shardfix.reconcile.fused import Drop, check_outputs, source_targets, split_parts
 from shardfix.reconcile.keys import Role, classify, is_flat_model, strip_wrappers
@@ -127,7 +127,7 @@ def build_plan(
         seen[name] = e.key
         model[name] = ModelTensor(e, name, actions)
 
-    # -- profile (shardfix.profiles): targets named after split outputs apply to their source ------
+    # -- profile (shardfix.inspect.profiles): targets named after split outputs apply to their source ------
     splitter = splitter_for(index, opts, targets)
     part_targets, targets = targets, source_targets(targets, {n: t.entry.shape for n, t in model.items()}, opts, splitter)
 

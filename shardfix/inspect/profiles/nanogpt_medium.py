@@ -6,9 +6,9 @@
 
 from __future__ import annotations
 
-from shardfix.profiles._nanogpt import ATTENTION, common_facts, mlp_hidden
-from shardfix.profiles.base import Evidence, matching, model_shapes, prefix_reason
-from shardfix.profiles.nanogpt_qkvo import QKVO_OUTPUTS, storage_variant
+from shardfix.inspect.profiles._nanogpt import ATTENTION, common_facts, mlp_hidden
+from shardfix.inspect.profiles.base import Evidence, matching, model_shapes, prefix_reason
+from shardfix.inspect.profiles.nanogpt_qkvo import QKVO_OUTPUTS, storage_variant
 from shardfix.reconcile.fused import SplitRule
 from shardfix.sources.base import SourceIndex
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shardfix.options import ConvertOptions
-from shardfix.plan_types import PARTIAL_ROWS_KEY, LedgerEntry, ModelTensor, OutputFile, OutputTensor
+from shardfix.plan.types import PARTIAL_ROWS_KEY, LedgerEntry, ModelTensor, OutputFile, OutputTensor
 from shardfix.reconcile import ops as O
 from shardfix.reconcile.keys import Role, strip_wrappers
 from shardfix.reconcile.optimizer import (

@@ -7,7 +7,7 @@ vector such as ``x0_lambdas``.
 
 from __future__ import annotations
 
-from shardfix.profiles.base import Evidence, basic_dims, matching
+from shardfix.inspect.profiles.base import Evidence, basic_dims, matching
 from shardfix.reconcile.arch import AttnRule
 
 #: per-layer parameter vectors of the bank versions: their first dim is the layer count.

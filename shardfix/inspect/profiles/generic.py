@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shardfix.profiles.base import Evidence, basic_dims, model_shapes, prefix_reason
+from shardfix.inspect.profiles.base import Evidence, basic_dims, model_shapes, prefix_reason
 from shardfix.sources.base import SourceIndex
 
 NAME = "generic"

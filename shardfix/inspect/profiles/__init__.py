@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shardfix.errors import BadInputError
-from shardfix.profiles import generic, hf, nanogpt_banks, nanogpt_medium, nanogpt_qkv, nanogpt_qkvo
-from shardfix.profiles.base import Evidence, Profile
+from shardfix.inspect.profiles import generic, hf, nanogpt_banks, nanogpt_medium, nanogpt_qkv, nanogpt_qkvo
+from shardfix.inspect.profiles.base import Evidence, Profile
 from shardfix.reconcile.arch import ArchConfig, arch_config
 from shardfix.reconcile.fused import Splitter, read_key_map
 from shardfix.sources.base import SourceIndex
@@ -71,7 +71,7 @@ def target_config(targets: Any, opts: Any) -> tuple[ArchConfig | None, list[str]
     origin = (getattr(targets, "origins", None) or {}).get("config")
     path = getattr(opts, "target_config", None)
     if not data and path:
-        from shardfix.target_sources import read_config
+        from shardfix.targets.files import read_config
 
         data = read_config(path)
     if not data:

@@ -13,8 +13,8 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from shardfix.options import ConvertOptions
-from shardfix.profiles import detect_profile, splitter_for
-from shardfix.profiles.base import embedding, model_shapes
+from shardfix.inspect.profiles import detect_profile, splitter_for
+from shardfix.inspect.profiles.base import embedding, model_shapes
 from shardfix.reconcile.arch import Dims, check_architecture, head_candidates
 from shardfix.reconcile.fused import Drop, Splitter, split_parts
 from shardfix.reconcile.keys import classify, is_flat_model

@@ -28,13 +28,13 @@ from typing import Any
 
 import torch
 
-from shardfix.digest import tensor_digest
+from shardfix.io.digest import tensor_digest
 from shardfix.dtypes import itemsize
 from shardfix.errors import BadInputError, InternalError, OutputError
 from shardfix.plan import COMPANIONS, MODEL, OPTIMIZER, OutputFile, OutputTensor, Plan
 from shardfix.reconcile.ops import apply_ops, byte_window
 from shardfix.report import REPORT_NAME
-from shardfix.safetensors_io import StreamingWriter, TensorSpec, file_checksum, index_json, write_json_atomic
+from shardfix.outputs.writer import StreamingWriter, TensorSpec, file_checksum, index_json, write_json_atomic
 from shardfix.sources.base import ByteRange
 
 log = logging.getLogger(__name__)
@@ -121,8 +121,8 @@ def verify_by_digest(path: Path, specs: list[TensorSpec], metadata: dict[str, st
     """Re-read ``path``: header bytes compared on the host, each tensor's digest computed on ``device``."""
     from safetensors import safe_open
 
-    from shardfix.digest import tensor_digest
-    from shardfix.safetensors_io import build_header
+    from shardfix.io.digest import tensor_digest
+    from shardfix.outputs.writer import build_header
 
     header = build_header(specs, metadata)
     with path.open("rb") as f:
@@ -426,7 +426,7 @@ def run_files(
 ) -> list[dict[str, Any]]:
     if kind == "inline" or not files:
         return run_inline(ctx, files, progress)
-    from shardfix.ray_exec import run_ray
+    from shardfix.execute.ray import run_ray
 
     return run_ray(ctx, files, workers=workers, address=ray_address, progress=progress, info=info)
 
@@ -459,7 +459,7 @@ def finish(out: Path, plan: Plan, results: dict[str, dict[str, Any]]) -> list[di
 
 
 def effective_address(opts: Any) -> str | None:
-    from shardfix.ray_exec import resolve_address
+    from shardfix.execute.ray import resolve_address
 
     return resolve_address(opts.ray_address) if opts.executor != "inline" else None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from shardfix.profiles.findings import format_profile_findings, profile_findings
+from shardfix.inspect.findings import format_profile_findings, profile_findings
 from shardfix.reconcile.keys import WRAPPERS, classify, is_flat_model
 from shardfix.reconcile.padding import looks_padded_vocab
 from shardfix.sources.base import SourceIndex, TensorEntry

@@ -7,8 +7,8 @@ have the true vocab while ``lm_head`` is padded to a multiple of 128.
 
 from __future__ import annotations
 
-from shardfix.profiles._nanogpt import ATTENTION, common_facts, mlp_hidden
-from shardfix.profiles.base import Evidence, matching, model_shapes, prefix_reason
+from shardfix.inspect.profiles._nanogpt import ATTENTION, common_facts, mlp_hidden
+from shardfix.inspect.profiles.base import Evidence, matching, model_shapes, prefix_reason
 from shardfix.reconcile.fused import SplitRule
 from shardfix.sources.base import SourceIndex
 

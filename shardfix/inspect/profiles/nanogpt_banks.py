@@ -16,8 +16,8 @@ Which slots are layers and which are padding needs the layer count: from a per-l
 
 from __future__ import annotations
 
-from shardfix.profiles._nanogpt import ATTENTION, common_facts
-from shardfix.profiles.base import Evidence, model_shapes, prefix_reason
+from shardfix.inspect.profiles._nanogpt import ATTENTION, common_facts
+from shardfix.inspect.profiles.base import Evidence, model_shapes, prefix_reason
 from shardfix.reconcile.fused import SplitRule
 from shardfix.sources.base import SourceIndex
 
