@@ -11,9 +11,9 @@ from typing import Any
 from shardfix.errors import ShardfixError
 from shardfix.execute import check_device, execute, prepare_output
 from shardfix.options import ConvertOptions
+from shardfix.outputs.writer import write_json_atomic
 from shardfix.plan import Plan, build_plan
 from shardfix.report import REPORT_NAME, build_report
-from shardfix.outputs.writer import write_json_atomic
 from shardfix.sources import open_source
 from shardfix.sources.base import Source, SourceIndex
 from shardfix.targets.files import merge_targets

@@ -214,8 +214,8 @@ def test_device_cuda_without_gpu_exits_2(fsdp_ckpt, tmp_path):
 
 
 def test_group_files_budget():
-    from shardfix.plan import OutputFile, OutputTensor
     from shardfix.execute.ray import group_files, task_memory
+    from shardfix.plan import OutputFile, OutputTensor
 
     def f(i: int, n: int) -> OutputFile:
         return OutputFile(f"f{i}", "model", [OutputTensor(f"t{i}", f"t{i}", "U8", [n])])

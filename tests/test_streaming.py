@@ -11,13 +11,13 @@ import xxhash
 from safetensors.torch import load_file
 
 from shardfix import execute
-from shardfix.outputs import writer as safetensors_io
 from shardfix.api import convert
 from shardfix.errors import IncompleteSourceError, OutputError
 from shardfix.options import ConvertOptions
+from shardfix.outputs import writer as safetensors_io
+from shardfix.outputs.writer import StreamingWriter, TensorSpec, file_checksum
 from shardfix.reconcile import ops as O
 from shardfix.reconcile.ops import apply_ops, byte_window
-from shardfix.outputs.writer import StreamingWriter, TensorSpec, file_checksum
 from shardfix.sources.base import ByteRange
 from shardfix.verify import verify_output
 from tests.conftest import bits_equal

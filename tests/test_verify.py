@@ -18,8 +18,8 @@ from shardfix.api import convert
 from shardfix.cli import main as cli_main
 from shardfix.errors import BadInputError
 from shardfix.options import ConvertOptions
-from shardfix.report import REPORT_NAME
 from shardfix.outputs.writer import file_checksum
+from shardfix.report import REPORT_NAME
 from shardfix.verify import verify_output
 from tests.conftest import flip
 

@@ -28,13 +28,13 @@ from typing import Any
 
 import torch
 
-from shardfix.io.digest import tensor_digest
 from shardfix.dtypes import itemsize
 from shardfix.errors import BadInputError, InternalError, OutputError
+from shardfix.io.digest import tensor_digest
+from shardfix.outputs.writer import StreamingWriter, TensorSpec, file_checksum, index_json, write_json_atomic
 from shardfix.plan import COMPANIONS, MODEL, OPTIMIZER, OutputFile, OutputTensor, Plan
 from shardfix.reconcile.ops import apply_ops, byte_window
 from shardfix.report import REPORT_NAME
-from shardfix.outputs.writer import StreamingWriter, TensorSpec, file_checksum, index_json, write_json_atomic
 from shardfix.sources.base import ByteRange
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Any
 
-from shardfix.options import ConvertOptions
 from shardfix.inspect.profiles import detect_profile, splitter_for
 from shardfix.inspect.profiles.base import embedding, model_shapes
+from shardfix.options import ConvertOptions
 from shardfix.reconcile.arch import Dims, check_architecture, head_candidates
 from shardfix.reconcile.fused import Drop, Splitter, split_parts
 from shardfix.reconcile.keys import classify, is_flat_model

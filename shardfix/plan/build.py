@@ -15,6 +15,7 @@ from typing import Any
 
 from shardfix.dtypes import CAST_CHOICES, FLOAT_NAMES
 from shardfix.errors import ReconcileConflictError
+from shardfix.inspect.profiles import splitter_for
 from shardfix.options import ConvertOptions
 from shardfix.plan.optimizer import mark_partial_rows, plan_optimizer
 from shardfix.plan.types import (  # noqa: F401 - re-exported: the plan's public types
@@ -30,7 +31,6 @@ from shardfix.plan.types import (  # noqa: F401 - re-exported: the plan's public
     Plan,
     pack_in_order,
 )
-from shardfix.inspect.profiles import splitter_for
 from shardfix.reconcile import ops as O
 from shardfix.reconcile.fused import Drop, check_outputs, source_targets, split_parts
 from shardfix.reconcile.keys import Role, classify, is_flat_model, strip_wrappers

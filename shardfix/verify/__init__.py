@@ -25,8 +25,8 @@ import xxhash
 
 from shardfix.dtypes import itemsize, numel
 from shardfix.errors import BadInputError, ShardfixError
-from shardfix.report import REPORT_NAME
 from shardfix.outputs.writer import TensorSpec, build_header, tensor_bytes
+from shardfix.report import REPORT_NAME
 
 STAGING = ".shardfix-staging"
 PARAM_GROUPS_NAME = "optimizer_param_groups.json"
