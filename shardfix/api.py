@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from shardfix.errors import ShardfixError
-from shardfix.execute import check_device, execute, prepare_output
+from shardfix.execute import Faults, check_device, execute, prepare_output
 from shardfix.options import ConvertOptions
+from shardfix.outputs import REPORT_NAME
 from shardfix.outputs.writer import write_json_atomic
 from shardfix.plan import Plan, build_plan
-from shardfix.report import REPORT_NAME, build_report
+from shardfix.report import build_report
 from shardfix.sources import open_source
 from shardfix.sources.base import Source, SourceIndex
 from shardfix.targets.files import merge_targets
@@ -84,7 +85,8 @@ def inspect_source(src: str | Path, opts: ConvertOptions | None = None, *, profi
     return info
 
 
-def convert(src: str | Path, out: str | Path, opts: ConvertOptions | None = None) -> dict[str, Any]:
+def convert(src: str | Path, out: str | Path, opts: ConvertOptions | None = None, *,
+            faults: Faults | None = None) -> dict[str, Any]:
     """Convert ``src`` into ``out``; return the report (also written to ``out``).
 
     On failure a report with ``status: "failed"`` is written (if the directory is ours) and
@@ -105,7 +107,7 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions | None = None
     prepare_output(out, overwrite=opts.overwrite, resume=opts.resume)
     (out / REPORT_NAME).unlink(missing_ok=True)
     try:
-        outputs, executor, timings = execute(plan, out, opts)
+        outputs, executor, timings = execute(plan, out, opts, faults=faults)
     except BaseException as e:
         msg = str(e) if isinstance(e, ShardfixError) else f"{type(e).__name__}: {e}"
         if isinstance(e, KeyboardInterrupt):

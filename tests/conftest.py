@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+FAULTS_HOOK = "tests/faults_hook"  # sitecustomize that turns SHARDFIX_TEST_* into Faults
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,7 +25,7 @@ class CliResult:
 
 def run_cli(*args: str | os.PathLike[str], timeout: float = 300, env: dict[str, str] | None = None) -> CliResult:
     """Run ``python -m shardfix ARGS`` in a subprocess, as a user would."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / FAULTS_HOOK}", **(env or {})}
     p = subprocess.run(
         [sys.executable, "-m", "shardfix", *map(str, args)],
         capture_output=True, text=True, timeout=timeout, env=full_env, stdin=subprocess.DEVNULL,

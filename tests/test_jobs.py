@@ -21,7 +21,7 @@ from shardfix.errors import BadInputError
 from shardfix.jobs import exit_code_of, job_server_address, job_toml, load_job
 from shardfix.options import ConvertOptions
 from tests._outputs import assert_same_output, output_bytes
-from tests.conftest import ROOT, run_cli
+from tests.conftest import FAULTS_HOOK, ROOT, run_cli
 
 EXAMPLES = sorted((ROOT / "jobs").glob("*.toml"))
 
@@ -295,7 +295,7 @@ vocab_size = 1000
 max_shard_size = "64KB"
 executor = "inline"
 [submit]
-env_vars = {{ SHARDFIX_TEST_TASK_DELAY = "2" }}
+env_vars = {{ SHARDFIX_TEST_TASK_DELAY = "2", PYTHONPATH = "{ROOT / FAULTS_HOOK}" }}
 """)
     env = ray_head.client_env()
     r = run_cli("submit", slow, "--address", ray_head.url, "--submission-id", "slow-1", env=env)

@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from shardfix.api import convert
-from shardfix.execute import STAGING, Progress, write_file_task
+from shardfix.execute import STAGING, Faults, Progress, TaskContext, write_file_task
 from shardfix.options import ConvertOptions
 from shardfix.report import REPORT_NAME
 from tests._outputs import assert_same_output, output_bytes
-from tests.conftest import ROOT, run_cli
+from tests.conftest import FAULTS_HOOK, ROOT, run_cli
 
 OPTS = {"vocab_size": 1000, "max_shard_size": "64KB"}  # ~16 output files from the FSDP fixture
 CLI_OPTS = ["--vocab-size", "1000", "--max-shard-size", "64KB", "--no-progress"]
@@ -78,7 +78,8 @@ def test_three_node_cluster_matches_inline(fsdp_ckpt, inline_ref, tmp_path):
     p = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "_cluster_run.py"), str(fsdp_ckpt), str(out)],
         capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "", "SHARDFIX_TEST_TASK_DELAY": "0.2"},
+        env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / FAULTS_HOOK}", "RAY_ADDRESS": "",
+             "SHARDFIX_TEST_TASK_DELAY": "0.2"},
     )
     assert p.returncode == 0, p.stderr[-4000:]
     info = json.loads(p.stdout.strip().splitlines()[-1])
@@ -103,8 +104,7 @@ def test_worker_killed_mid_conversion(fsdp_ckpt, ray_session, inline_ref, tmp_pa
     """SIGKILL the worker process running a task: Ray reruns it and the output is identical."""
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
-    monkeypatch.setenv("SHARDFIX_TEST_PID_DIR", str(pid_dir))
-    monkeypatch.setenv("SHARDFIX_TEST_TASK_DELAY", "0.5")  # each file pauses after its first tensor
+    faults = Faults(pid_dir=str(pid_dir), delay=0.5)  # each file pauses after its first tensor
     killed: dict[str, int] = {}
     stop = threading.Event()
 
@@ -122,7 +122,8 @@ def test_worker_killed_mid_conversion(fsdp_ckpt, ray_session, inline_ref, tmp_pa
     t.start()
     out = tmp_path / "out"
     try:
-        report = convert(fsdp_ckpt, out, ConvertOptions(executor="ray", workers=2, progress=False, **OPTS))
+        report = convert(fsdp_ckpt, out, ConvertOptions(executor="ray", workers=2, progress=False, **OPTS),
+                         faults=faults)
     finally:
         stop.set()
         t.join(5)
@@ -139,9 +140,9 @@ def test_io_errors_are_retried(fsdp_ckpt, ray_session, inline_ref, tmp_path, mon
     """Every file's first attempt fails with EIO: Ray reruns the tasks and the output is identical."""
     fail_dir = tmp_path / "fail"
     fail_dir.mkdir()
-    monkeypatch.setenv("SHARDFIX_TEST_FAIL_ONCE_DIR", str(fail_dir))
     out = tmp_path / "out"
-    report = convert(fsdp_ckpt, out, ConvertOptions(executor="ray", workers=2, progress=False, **OPTS))
+    report = convert(fsdp_ckpt, out, ConvertOptions(executor="ray", workers=2, progress=False, **OPTS),
+                     faults=Faults(fail_once_dir=str(fail_dir)))
     assert_same_output(out, inline_ref)
     groups = report["executor"]["tasks"]
     assert len(list(fail_dir.glob("*.failed"))) >= groups  # each task failed at least once
@@ -171,7 +172,8 @@ def test_interrupted_driver_then_resume(fsdp_ckpt, inline_ref, tmp_path):
     ``--resume`` finishes it byte-identical to an uninterrupted run, reusing the staged files."""
     out = tmp_path / "out"
     staging = out / STAGING
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "SHARDFIX_TEST_TASK_DELAY": "0.4", "RAY_ADDRESS": ""}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / FAULTS_HOOK}", "SHARDFIX_TEST_TASK_DELAY": "0.4",
+           "RAY_ADDRESS": ""}
     p = subprocess.Popen([sys.executable, "-m", "shardfix", "convert", str(fsdp_ckpt), str(out), *CLI_OPTS,
                           "--executor", "inline"], env=env, start_new_session=True, stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -292,7 +294,7 @@ def test_tensor_digest_is_byte_exact():
 
 def test_digest_verification_path(fsdp_ckpt, tmp_path):
     """The GPU path's verify (re-read, per-tensor digests) runs on the CPU too and writes the same bytes."""
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
     from shardfix.api import plan_conversion
 
@@ -302,12 +304,12 @@ def test_digest_verification_path(fsdp_ckpt, tmp_path):
     for mode in ("xxh3", "digest"):
         staging = tmp_path / mode
         staging.mkdir()
-        ctx = {"source": plan.source["path"], "format": plan.source["format"], "staging": str(staging),
-               "device": "cpu", "verify": True, "verify_mode": mode}
+        ctx = TaskContext(source=plan.source["path"], format=plan.source["format"], staging=str(staging),
+                          device="cpu", verify=True, verify_mode=mode)
         results[mode] = write_file_task(ctx, asdict(of))
         assert results[mode]["verified"] == mode
     assert (tmp_path / "xxh3" / of.name).read_bytes() == (tmp_path / "digest" / of.name).read_bytes()
     assert results["xxh3"]["checksum"] == results["digest"]["checksum"]
     # a rerun of a task (worker died after staging) reuses the staged file instead of rewriting it
-    again = write_file_task({**ctx, "staging": str(tmp_path / "digest")}, asdict(of))
+    again = write_file_task(replace(ctx, staging=str(tmp_path / "digest")), asdict(of))
     assert again.get("reused") is True and again["checksum"] == results["digest"]["checksum"]

@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 from shardfix import execute
 from shardfix.api import convert
 from shardfix.errors import IncompleteSourceError, OutputError
+from shardfix.execute import choose as execute_choose
+from shardfix.execute import task as execute_task
 from shardfix.options import ConvertOptions
 from shardfix.outputs import writer as safetensors_io
 from shardfix.outputs.writer import StreamingWriter, TensorSpec, file_checksum
@@ -129,7 +131,7 @@ def test_convert_streams_and_matches_the_assembling_path(
     assert report["status"] == "complete"
     problems, _ = verify_output(tmp_path / "fast", against=fsdp_ckpt)
     assert problems == []
-    monkeypatch.setattr(execute, "stream_ranges", lambda *a: None)
+    monkeypatch.setattr(execute_task, "stream_ranges", lambda *a: None)
     convert(fsdp_ckpt, tmp_path / "slow", opts)
     fast = sorted(p.name for p in (tmp_path / "fast").glob("*.safetensors"))
     assert len(fast) > 2 and fast == sorted(p.name for p in (tmp_path / "slow").glob("*.safetensors"))
@@ -158,11 +160,11 @@ def test_auto_executor_weighs_ray_start_against_the_work(monkeypatch: pytest.Mon
     choose = execute.choose_executor
     assert choose(_plan_of(10**9, 2), "ray", None, None) == ("ray", "--executor ray")
     assert choose(_plan_of(10**9, 2), "auto", None, "ray://head:10001")[0] == "ray"
-    monkeypatch.setattr(execute, "_usable_cpus", lambda: 2)
+    monkeypatch.setattr(execute_choose, "usable_cpus", lambda: 2)
     kind, why = choose(_plan_of(10**9, 2), "auto", None, None)
     assert kind == "inline" and "Ray" in why
     assert choose(_plan_of(10**12, 1), "auto", None, None)[0] == "inline"  # one file, one task
-    monkeypatch.setattr(execute, "_usable_cpus", lambda: 16)
+    monkeypatch.setattr(execute_choose, "usable_cpus", lambda: 16)
     assert choose(_plan_of(5 * 10**9, 8), "auto", None, None)[0] == "inline"  # start-up outweighs it
     kind, why = choose(_plan_of(200 * 10**9, 40), "auto", None, None)
     assert kind == "ray" and "4 files at a time" in why  # capped by what a disk absorbs

@@ -39,6 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from shardfix.errors import BadInputError, InternalError, ShardfixError
+from shardfix.execute.base import RunRequest
+from shardfix.execute.choose import usable_cpus
+from shardfix.execute.context import TaskContext
+from shardfix.execute.task import write_file_task
 from shardfix.plan import OutputFile, pack_in_order
 
 log = logging.getLogger(__name__)
@@ -122,7 +126,7 @@ class RayRuntime:
         if device != "cuda":
             kw["num_gpus"] = 0
         ray.init(
-            num_cpus=workers or os.cpu_count() or 1,
+            num_cpus=min(workers or usable_cpus(), usable_cpus()),  # never more CPUs than the machine has
             include_dashboard=False,
             _temp_dir=self.temp_dir,
             _node_ip_address="127.0.0.1",
@@ -143,6 +147,7 @@ class RayRuntime:
                 log.info("Ray's logs for this run are in %s", self.temp_dir)
 
 
+
 def _io_cause(e: BaseException) -> OSError | None:
     seen = 0
     cur: BaseException | None = e
@@ -154,14 +159,12 @@ def _io_cause(e: BaseException) -> OSError | None:
     return None
 
 
-def _task_body(ctx: dict[str, Any], files: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _task_body(ctx: TaskContext, files: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Run inside a Ray worker: write each file of the group in order."""
+    import ray
     import torch
 
-    torch.set_num_threads(max(1, int(ctx.get("threads", 1))))
-    import ray
-
-    from shardfix.execute import write_file_task
+    torch.set_num_threads(max(1, ctx.threads))
 
     results = []
     host = socket.gethostname()
@@ -211,34 +214,60 @@ def _names(group: list[OutputFile]) -> str:
     return names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]} ({len(names)} files)"
 
 
-def run_ray(
-    ctx: dict[str, Any], files: list[OutputFile], *, workers: int | None, address: str | None, progress: Any,
-    info: dict[str, Any] | None = None,
-) -> list[dict[str, Any]]:
-    """Run the files as Ray tasks with at most ``workers`` (default: cluster slots) in flight."""
-    rt = RayRuntime(address, workers, ctx.get("device", "cpu"))
-    ray = rt.ray
-    ok = False
-    pending: dict[Any, list[OutputFile]] = {}
-    try:
-        resources = ray.cluster_resources()
-        cuda = ctx.get("device") == "cuda"
-        if cuda and resources.get("GPU", 0) < 1:
-            where = f"the Ray cluster at {address}" if address else "the local Ray instance"
-            raise BadInputError(f"--device cuda: {where} has no GPUs; use --device cpu or a cluster with GPU nodes")
+NAME = "ray"
+
+
+def _slots(ray: Any, cuda: bool, address: str | None) -> int:
+    """Tasks the cluster can run at once (GPUs for a cuda run); refuse a cuda run without GPUs."""
+    resources = ray.cluster_resources()
+    if cuda and resources.get("GPU", 0) < 1:
+        where = f"the Ray cluster at {address}" if address else "the local Ray instance"
+        raise BadInputError(f"--device cuda: {where} has no GPUs; use --device cpu or a cluster with GPU nodes")
+    return int(resources.get("GPU", 0)) if cuda else int(resources.get("CPU", 1))
+
+
+def _describe(ray: Any, rt: RayRuntime, info: dict[str, Any], tasks: int, limit: int) -> None:
+    resources = ray.cluster_resources()
+    info.update(tasks=tasks, in_flight=limit, nodes=sum(1 for n in ray.nodes() if n.get("Alive")),
+                cluster_cpus=resources.get("CPU", 0), cluster_gpus=resources.get("GPU", 0),
+                retries={"worker_death_or_io": MAX_RETRIES, "out_of_memory": OOM_RETRIES})
+    if rt.started:
+        info["local_instance"] = {"temp_dir": rt.temp_dir, "removed_after": True}
+
+
+class RayExecutor:
+    """Runs the files as Ray tasks with at most ``--workers`` (default: cluster slots) in flight."""
+
+    name = NAME
+
+    def run(self, request: RunRequest) -> list[dict[str, Any]]:
+        if not request.files:
+            return []
+        rt = RayRuntime(request.address, request.workers, request.ctx.device)
+        pending: dict[Any, list[OutputFile]] = {}
+        ok = False
+        try:
+            results = self._run(rt, request, pending)
+            ok = True
+            return results
+        finally:
+            for ref in pending:
+                try:
+                    rt.ray.cancel(ref, force=True)
+                except Exception:  # already finished or the instance is gone
+                    pass
+            rt.close(ok)
+
+    def _run(self, rt: RayRuntime, request: RunRequest, pending: dict[Any, list[OutputFile]]) -> list[dict[str, Any]]:
+        ray = rt.ray
+        cuda = request.ctx.device == "cuda"
         cpus_per_task = 1
-        slots = int(resources.get("GPU", 0)) if cuda else int(resources.get("CPU", 1) // cpus_per_task)
-        limit = max(1, workers or slots)
-        groups = group_files(files, limit)
+        limit = max(1, request.workers or _slots(ray, cuda, request.address))
+        groups = group_files(request.files, limit)
         node_memory = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
-        task_ctx = {**ctx, "threads": cpus_per_task}
+        task_ctx = request.ctx.with_threads(cpus_per_task)
         remote = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=[RetryableIOError])(_task_body)
-        if info is not None:
-            info.update(tasks=len(groups), in_flight=limit, nodes=sum(1 for n in ray.nodes() if n.get("Alive")),
-                        cluster_cpus=resources.get("CPU", 0), cluster_gpus=resources.get("GPU", 0),
-                        retries={"worker_death_or_io": MAX_RETRIES, "out_of_memory": OOM_RETRIES})
-            if rt.started:
-                info["local_instance"] = {"temp_dir": rt.temp_dir, "removed_after": True}
+        _describe(ray, rt, request.info, len(groups), limit)
         queue = sorted(groups, key=lambda g: -sum(f.nbytes for f in g))  # big first: better packing
         results: list[dict[str, Any]] = []
         while queue or pending:
@@ -248,22 +277,16 @@ def run_ray(
                 mem = task_memory(g)
                 if node_memory and mem < 0.8 * node_memory:
                     opts["memory"] = mem
-                ref = remote.options(**opts).remote(task_ctx, [asdict(f) for f in g])
-                pending[ref] = g
+                pending[remote.options(**opts).remote(task_ctx, [asdict(f) for f in g])] = g
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
                 g = pending.pop(ref)
                 results.extend(_get(ray, ref, g))
-                progress.advance(sum(f.nbytes for f in g), g[-1].name)
-        ok = True
+                request.progress.advance(sum(f.nbytes for f in g), g[-1].name)
         return results
-    finally:
-        for ref in pending:
-            try:
-                ray.cancel(ref, force=True)
-            except Exception:  # already finished or the instance is gone
-                pass
-        rt.close(ok)
+
+
+EXECUTOR = RayExecutor()
 
 
 def _get(ray: Any, ref: Any, group: list[OutputFile]) -> list[dict[str, Any]]:

@@ -22,12 +22,11 @@ import torch
 from safetensors import safe_open
 
 from shardfix.errors import BadInputError
-from shardfix.execute import PARAM_GROUPS_NAME
-from shardfix.plan import OPTIMIZER, PARTIAL_ROWS_KEY
+from shardfix.outputs.hf import LAYOUT, PARAM_GROUPS_NAME
+from shardfix.outputs.layout import OPTIMIZER, PARTIAL_ROWS_KEY, REPORT_NAME
 from shardfix.reconcile.keys import strip_wrappers
-from shardfix.report import REPORT_NAME
 
-INDEX_NAME = f"{OPTIMIZER}.safetensors.index.json"
+INDEX_NAME = LAYOUT.index_name(OPTIMIZER)
 _PARTIAL_NAME = re.compile(r"\.rows_\d+_\d+$")
 #: keys of a saved param group that are bookkeeping, not hyperparameters.
 _NOT_HYPER = frozenset({"optimizer", "group", "params", "param_names"})

@@ -17,6 +17,7 @@ from shardfix.dtypes import CAST_CHOICES, FLOAT_NAMES
 from shardfix.errors import ReconcileConflictError
 from shardfix.inspect.profiles import splitter_for
 from shardfix.options import ConvertOptions
+from shardfix.outputs import get_layout
 from shardfix.plan.optimizer import mark_partial_rows, plan_optimizer
 from shardfix.plan.types import (  # noqa: F401 - re-exported: the plan's public types
     COMPANIONS,
@@ -331,7 +332,5 @@ def _assign_files(tensors: list[OutputTensor], kind: str, max_bytes: int) -> lis
     if not tensors:
         return []
     groups = pack_in_order(tensors, max_bytes)
-    prefix = SET_PREFIX[kind]
-    n = len(groups)
-    names = [f"{prefix}.safetensors"] if n == 1 else [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    names = get_layout().file_names(kind, len(groups))
     return [OutputFile(name, kind, g, {"format": "pt"}) for name, g in zip(names, groups, strict=True)]

@@ -11,10 +11,10 @@ from collections import Counter
 from typing import Any
 
 from shardfix import __version__
+from shardfix.outputs.layout import REPORT_NAME  # noqa: F401 - re-exported
 from shardfix.plan import Plan
 
 SCHEMA_VERSION = 1
-REPORT_NAME = "shardfix-report.json"
 
 
 def build_report(

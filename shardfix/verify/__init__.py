@@ -25,11 +25,10 @@ import xxhash
 
 from shardfix.dtypes import itemsize, numel
 from shardfix.errors import BadInputError, ShardfixError
+from shardfix.outputs.hf import PARAM_GROUPS_NAME
+from shardfix.outputs.layout import REPORT_NAME, STAGING
 from shardfix.outputs.writer import TensorSpec, build_header, tensor_bytes
-from shardfix.report import REPORT_NAME
 
-STAGING = ".shardfix-staging"
-PARAM_GROUPS_NAME = "optimizer_param_groups.json"
 _SETS = ("model", "optimizer", "companions")
 _BLOCK = 16 << 20
 
