@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shardfix.options import ConvertOptions
+from shardfix.outputs.hf import PARAM_GROUPS_NAME
+from shardfix.plan.context import PlanContext
 from shardfix.plan.types import PARTIAL_ROWS_KEY, LedgerEntry, ModelTensor, OutputFile, OutputTensor
 from shardfix.reconcile import ops as O
-from shardfix.reconcile.keys import Role, strip_wrappers
+from shardfix.reconcile.keys import strip_wrappers
 from shardfix.reconcile.optimizer import (
     IdMapping,
     PartialRows,
@@ -25,109 +27,143 @@ from shardfix.reconcile.optimizer import (
     partial_rows,
     read_param_names,
 )
-from shardfix.sources.base import ObjectEntry, SourceIndex, TensorEntry
+from shardfix.sources.base import ObjectEntry, TensorEntry
 
 
-def plan_optimizer(
-    index: SourceIndex,
-    roles: dict[str, Role],
-    model: dict[str, ModelTensor],
-    opts: ConvertOptions,
-    ledger: dict[str, LedgerEntry],
-    warnings: list[str],
-    problems: list[str],
-) -> tuple[list[OutputTensor], list[dict[str, Any]] | None, dict[str, dict[str, Any]]]:
-    """Plan optimizer state: name it, cut it like its parameter, describe the param groups.
+@dataclass(slots=True)
+class OptimizerPlan:
+    """What optimizer planning produced: tensors to write, param groups (None: no optimizer), partial slices."""
 
-    Returns:
-        The optimizer tensors to write, the param groups (None when there is no optimizer) and,
-        for ``--partial-optimizer``, the row range of each partial slice written, by output name.
-    """
-    states: dict[int, dict[Any, dict[str, TensorEntry | ObjectEntry]]] = defaultdict(lambda: defaultdict(dict))
-    groups: dict[int, dict[int, dict[str, Any]]] = defaultdict(lambda: defaultdict(dict))
-    for e in index.entries:
-        role = roles[e.key]
+    out: list[OutputTensor] = field(default_factory=list)
+    param_groups: list[dict[str, Any]] | None = None
+    #: for ``--partial-optimizer``, the row range of each partial slice written, by output name
+    partial: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+_States = dict[int, dict[Any, dict[str, TensorEntry | ObjectEntry]]]
+_Groups = dict[int, dict[int, dict[str, Any]]]
+
+
+def _collect(ctx: PlanContext) -> tuple[_States, _Groups]:
+    """Optimizer state by (optimizer, parameter ref, state name) and param-group values by (optimizer, group)."""
+    states: _States = defaultdict(lambda: defaultdict(dict))
+    groups: _Groups = defaultdict(lambda: defaultdict(dict))
+    for e in ctx.index.entries:
+        role = ctx.roles[e.key]
         if role.kind == "optim_state":
             states[role.optimizer][role.param][role.state] = e
-        elif role.kind == "param_group":
+        elif role.kind == "param_group" and role.group is not None:
             if isinstance(e, TensorEntry):
-                ledger[e.key] = LedgerEntry(
+                ctx.record(LedgerEntry(
                     e.key, "dropped", dtype=e.dtype, shape=list(e.shape),
                     reason=f"tensor {role.hparam!r} stored inside param group {role.group} (an optimizer buffer or "
                     "tensor hyperparameter, not per-parameter state); not written",
-                )
-                warnings.append(f"{e.key}: a tensor inside a param group; dropped (not per-parameter state)")
+                ))
+                ctx.warnings.append(f"{e.key}: a tensor inside a param group; dropped (not per-parameter state)")
                 continue
             groups[role.optimizer][role.group][role.hparam] = (e.key, e.value)
-    if not states and not groups:
-        return [], None, {}
-    if opts.no_optimizer:
-        for e in index.entries:
-            if roles[e.key].kind in ("optim_state", "param_group") and e.key not in ledger:
-                ledger[e.key] = LedgerEntry(e.key, "dropped", kind="tensor" if isinstance(e, TensorEntry) else "object",
-                                            reason="--no-optimizer")
-        return [], None, {}
+    return states, groups
 
+
+def _drop_everything(ctx: PlanContext, reason: str) -> None:
+    for e in ctx.index.entries:
+        if ctx.roles[e.key].kind in ("optim_state", "param_group") and e.key not in ctx.ledger:
+            ctx.record(LedgerEntry(e.key, "dropped", kind="tensor" if isinstance(e, TensorEntry) else "object",
+                                   reason=reason))
+
+
+def _names_file(ctx: PlanContext, optimizers: list[int], refs: dict[int, list[tuple[Any, Any]]]) -> list[list[str]] | None:
+    """``--param-names`` split per optimizer (wrappers stripped), or None."""
+    if not ctx.opts.param_names:
+        return None
+    split = names_per_optimizer(read_param_names(ctx.opts.param_names),
+                                [sum(1 for _, n in refs[o] if n is not _STATE_ONLY) for o in optimizers])
+    if isinstance(split, str):
+        ctx.problems.append(split)
+        return None
+    return [[strip_wrappers(n)[0] for n in names] for names in split]
+
+
+def _mapping(ctx: PlanContext, st: dict[Any, dict[str, TensorEntry | ObjectEntry]], refs: list[tuple[Any, Any]],
+             names_file: list[str] | None, label: str) -> IdMapping:
+    """How one optimizer's state refs map to model parameter names."""
+    ids = [ref for ref, _ in refs]
+    if all(isinstance(i, str) for i in ids):
+        return IdMapping({i: strip_wrappers(i)[0] for i in ids}, "parameter names (FQN-keyed state)")
+    gnames = [None if n is _STATE_ONLY else n for _, n in refs]
+    shapes = {ref: next((tuple(s.shape) for s in st[ref].values() if isinstance(s, TensorEntry) and len(s.shape) > 0), None)
+              for ref in st}
+    model_params = [(n, t.entry.shape) for n, t in ctx.model.items()]
+    return map_ids(ids, [strip_wrappers(n)[0] if n else None for n in gnames], shapes, model_params,
+                   param_names_file=names_file, trainable=ctx.opts.trainable, label=label)
+
+
+def _refuse(ctx: PlanContext, mapping: IdMapping, st: dict[Any, dict[str, Any]], gdict: dict[int, dict[str, Any]],
+            label: str) -> None:
+    """An optimizer whose ids cannot be named: none of its state is written, loudly."""
+    for msg in mapping.problems:
+        ctx.warnings.append(msg + f"; the model is converted, no optimizer state is written for {label}")
+    for sd in st.values():
+        for e in sd.values():
+            ctx.record(LedgerEntry(e.key, "dropped", reason=mapping.problems[0],
+                                   kind="tensor" if isinstance(e, TensorEntry) else "object"))
+    for g in gdict.values():
+        for key, _ in g.values():
+            ctx.record(LedgerEntry(key, "dropped", kind="object", reason=mapping.problems[0]))
+
+
+def _warn_partial(ctx: PlanContext, found: list[tuple[str, str]], label: str) -> None:
+    if not found:
+        return
+    shown = "; ".join(f"{key}: {what}" for key, what in found[:3])
+    more = f"; and {len(found) - 3} more" if len(found) > 3 else ""
+    what = (f"written under explicit .rows_A_B names with the row range in the {PARTIAL_ROWS_KEY!r} "
+            "metadata (--partial-optimizer)" if ctx.opts.partial_optimizer else
+            "dropped (pass --partial-optimizer to write the slices under explicit names)")
+    ctx.warnings.append(f"{label}: {len(found)} state tensors hold only part of their parameter's rows -- the "
+                        f"saved state is incomplete and is not written as the full state ({shown}{more}); {what}")
+
+
+def _record_groups(ctx: PlanContext, opt: int, gdict: dict[int, dict[str, Any]], mapping: IdMapping) -> list[dict[str, Any]]:
+    out = []
+    for g in sorted(gdict):
+        group: dict[str, Any] = {"optimizer": opt, "group": g}
+        for fname, (key, value) in gdict[g].items():
+            ctx.record(LedgerEntry(key, "recorded", [PARAM_GROUPS_NAME], kind="object"))
+            if fname not in ("params", "param_names"):
+                group[fname] = value if _jsonable(value) else repr(value)
+        params = gdict[g].get("params", (None, []))[1] or []
+        group["params"] = [mapping.names.get(p, str(p)) for p in params]
+        out.append(group)
+    return out
+
+
+def plan_optimizer(ctx: PlanContext) -> OptimizerPlan:
+    """Plan optimizer state: name it, cut it like its parameter, describe the param groups."""
+    states, groups = _collect(ctx)
+    if not states and not groups:
+        return OptimizerPlan()
+    if ctx.opts.no_optimizer:
+        _drop_everything(ctx, "--no-optimizer")
+        return OptimizerPlan()
     optimizers = sorted(set(states) | set(groups))
-    model_params = [(n, t.entry.shape) for n, t in model.items()]
     refs = {opt: _optimizer_ids(groups.get(opt, {}), states.get(opt, {})) for opt in optimizers}
-    names_file: list[list[str]] | None = None
-    if opts.param_names:
-        split = names_per_optimizer(read_param_names(opts.param_names),
-                                    [sum(1 for _, n in refs[o] if n is not _STATE_ONLY) for o in optimizers])
-        if isinstance(split, str):
-            problems.append(split)
-        else:
-            names_file = [[strip_wrappers(n)[0] for n in names] for names in split]
-    plan = _OptimPlan(model, opts, ledger, warnings)
+    names_file = _names_file(ctx, optimizers, refs)
+    plan = _OptimPlan(ctx.model, ctx.opts, ctx.ledger, ctx.warnings)
     param_groups: list[dict[str, Any]] = []
     for k, opt in enumerate(optimizers):
         label = f"optimizer {opt}" if len(optimizers) > 1 else "the optimizer"
-        gdict = groups.get(opt, {})
-        st = states.get(opt, {})
-        ids = [ref for ref, _ in refs[opt]]
-        gnames = [None if n is _STATE_ONLY else n for _, n in refs[opt]]
-        if all(isinstance(i, str) for i in ids):
-            mapping = IdMapping({i: strip_wrappers(i)[0] for i in ids}, "parameter names (FQN-keyed state)")
-        else:
-            shapes = {ref: next((tuple(s.shape) for s in st[ref].values()
-                                 if isinstance(s, TensorEntry) and len(s.shape) > 0), None) for ref in st}
-            mapping = map_ids(ids, [strip_wrappers(n)[0] if n else None for n in gnames], shapes, model_params,
-                              param_names_file=_names_for(names_file, k, refs[opt]), trainable=opts.trainable,
-                              label=label)
+        gdict, st = groups.get(opt, {}), states.get(opt, {})
+        mapping = _mapping(ctx, st, refs[opt], _names_for(names_file, k, refs[opt]), label)
         if not mapping.ok:
-            for msg in mapping.problems:
-                warnings.append(msg + f"; the model is converted, no optimizer state is written for {label}")
-            for sd in st.values():
-                for e in sd.values():
-                    ledger[e.key] = LedgerEntry(e.key, "dropped", reason=mapping.problems[0],
-                                                kind="tensor" if isinstance(e, TensorEntry) else "object")
-            for g in gdict.values():
-                for key, _ in g.values():
-                    ledger[key] = LedgerEntry(key, "dropped", kind="object", reason=mapping.problems[0])
+            _refuse(ctx, mapping, st, gdict, label)
             continue
         partial_before = len(plan.partial_seen)
         for ref, sd in st.items():
             plan.param(sd, ref, mapping.names[ref], mapping.method)
-        found = plan.partial_seen[partial_before:]
-        if found:
-            shown = "; ".join(f"{key}: {what}" for key, what in found[:3])
-            more = f"; and {len(found) - 3} more" if len(found) > 3 else ""
-            what = (f"written under explicit .rows_A_B names with the row range in the {PARTIAL_ROWS_KEY!r} "
-                    "metadata (--partial-optimizer)" if opts.partial_optimizer else
-                    "dropped (pass --partial-optimizer to write the slices under explicit names)")
-            warnings.append(f"{label}: {len(found)} state tensors hold only part of their parameter's rows -- the "
-                            f"saved state is incomplete and is not written as the full state ({shown}{more}); {what}")
-        for g in sorted(gdict):
-            group: dict[str, Any] = {"optimizer": opt, "group": g}
-            for fname, (key, value) in gdict[g].items():
-                ledger[key] = LedgerEntry(key, "recorded", ["optimizer_param_groups.json"], kind="object")
-                if fname not in ("params", "param_names"):
-                    group[fname] = value if _jsonable(value) else repr(value)
-            params = gdict[g].get("params", (None, []))[1] or []
-            group["params"] = [mapping.names.get(p, str(p)) for p in params]
-            param_groups.append(group)
-    return plan.out, param_groups, plan.partial
+        _warn_partial(ctx, plan.partial_seen[partial_before:], label)
+        param_groups += _record_groups(ctx, opt, gdict, mapping)
+    return OptimizerPlan(plan.out, param_groups, plan.partial)
 
 
 #: Marks an id that has state but is listed in no param group.
