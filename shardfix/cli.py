@@ -11,57 +11,45 @@ import json
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from shardfix import __version__
 from shardfix.errors import ReconcileConflictError, ShardfixError
-from shardfix.options import ConvertOptions
+from shardfix.options import OPTION_BY_NAME, OPTIONS, ConvertOptions, Option
 
 log = logging.getLogger("shardfix")
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # usage errors: exit 2 with one line
+    def error(self, message: str) -> NoReturn:  # usage errors: exit 2 with one line
         self.exit(2, f"shardfix: error: {message} (see {self.prog} --help)\n")
 
 
-def _add_reconcile(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("reconcile")
-    g.add_argument("--vocab-size", type=int, help="true vocab size: trim padded vocab rows to it")
-    g.add_argument("--tokenizer", help="tokenizer.json or SentencePiece .model giving the vocab size")
-    g.add_argument("--target-config", help="Hugging Face config.json of the target model")
-    g.add_argument("--target-shapes", help='JSON {"name": [dims]} of target shapes (names after prefix stripping)')
-    g.add_argument("--target-model", help="module:callable building the target model (on the meta device)")
-    g.add_argument("--profile", help="checkpoint profile (default: detected)")
-    g.add_argument("--param-names", help="file listing the optimizer's parameter names in param-group order")
-    g.add_argument("--trainable", help="regex selecting the trainable parameters the optimizer covers")
-    g.add_argument("--split-fused", action="store_true", help="split fused weights (qkv_w, qkvo_w, banks)")
-    g.add_argument("--key-map", help="TOML table of output names for --split-fused")
-    g.add_argument("--no-optimizer", action="store_true", help="write no optimizer state")
-    g.add_argument("--allow-grow", action="store_true", help="allow growing a vocab dim to a larger target")
-    g.add_argument("--grow-init", choices=["mean", "zeros"], default="mean", help="new rows for --allow-grow")
-    g.add_argument("--skip-mismatched", action="store_true", help="drop unreconcilable tensors instead of failing")
-    g.add_argument("--companions", help="torch.save dict of side tensors keyed by parameter name (masks, EMA)")
-    g.add_argument("--partial-optimizer", action="store_true",
-                   help="write partial (one rank's) optimizer slices under explicit names")
-    g.add_argument("--trust-pickle", action="store_true",
-                   help="allow full unpickling of torch.save files you trust (runs code in the file)")
+def add_option(container: argparse.ArgumentParser | argparse._ArgumentGroup, o: Option, *, help: str | None = None) -> None:
+    """Add one option's flag (and its ``off_flag``) as :data:`shardfix.options.OPTIONS` describes it.
+
+    Args:
+        container: the parser or argument group to add to.
+        o: the option.
+        help: a command's own help text, where the option means something narrower there.
+    """
+    help = help or o.help
+    if o.kind == "bool":
+        container.add_argument(o.flag, dest=o.name, action="store_true" if o.sets else "store_false",
+                               default=o.default, help=help)
+        if o.off_flag:
+            container.add_argument(o.off_flag, dest=o.name, action="store_false" if o.sets else "store_true",
+                                   help=o.off_help)
+        return
+    container.add_argument(o.flag, dest=o.name, type=int if o.kind == "int" else str, default=o.default,
+                           choices=list(o.choices) if o.choices else None, help=help)
 
 
-def _add_run(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("run")
-    g.add_argument("--executor", choices=["auto", "ray", "inline"], default="auto")
-    g.add_argument("--workers", type=int, help="parallel tasks (default: CPUs)")
-    g.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    g.add_argument("--ray-address", help="join this Ray cluster instead of starting a local instance")
-    g.add_argument("--max-shard-size", default="5GB", help="largest output file, e.g. 5GB, 500MB, 64KB")
-    g.add_argument("--dtype", choices=["keep", "bf16", "fp16", "fp32"], default="keep",
-                   help="cast floating model tensors (optimizer state keeps its dtype)")
-    g.add_argument("--resume", action="store_true", help="finish an interrupted conversion into OUT")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing shardfix output in OUT")
-    g.add_argument("--no-verify", dest="verify", action="store_false", help="skip re-reading each written file")
-    g.add_argument("--progress", dest="progress", action="store_true", default=None, help="force a progress bar")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+def _add_group(p: argparse.ArgumentParser, group: str) -> None:
+    g = p.add_argument_group(group)
+    for o in OPTIONS:
+        if o.group == group:
+            add_option(g, o)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,25 +61,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="describe a checkpoint (metadata only)")
     p.add_argument("src")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--target-config", help="HF config.json giving heads and head_dim")
-    p.add_argument("--profile", help="checkpoint profile (default: detected)")
-    p.add_argument("--trust-pickle", action="store_true")
+    add_option(p, OPTION_BY_NAME["target_config"], help="HF config.json giving heads and head_dim")
+    add_option(p, OPTION_BY_NAME["profile"])
+    add_option(p, OPTION_BY_NAME["trust_pickle"])
     p.add_argument("--no-evidence", action="store_true",
                    help="metadata only: do not read embedding moments and small vectors for evidence")
 
     p = sub.add_parser("plan", help="print the conversion plan without reading tensor data")
     p.add_argument("src")
     p.add_argument("--json", action="store_true")
-    _add_reconcile(p)
-    p.add_argument("--max-shard-size", default="5GB")
-    p.add_argument("--dtype", choices=["keep", "bf16", "fp16", "fp32"], default="keep")
+    _add_group(p, "reconcile")
+    for o in OPTIONS:
+        if o.plan and o.group != "reconcile":
+            add_option(p, o)
 
     p = sub.add_parser("convert", help="convert a checkpoint into safetensors plus a report")
     p.add_argument("src", nargs="?")
     p.add_argument("out", nargs="?")
     p.add_argument("--job", help="run a job file (TOML) locally")
-    _add_reconcile(p)
-    _add_run(p)
+    _add_group(p, "reconcile")
+    _add_group(p, "run")
 
     p = sub.add_parser("verify", help="re-read an output directory and check it against its report")
     p.add_argument("out")
