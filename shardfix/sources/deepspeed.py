@@ -33,7 +33,6 @@ import torch
 
 from shardfix.dtypes import st_name
 from shardfix.errors import BadInputError
-from shardfix.sources import deepspeed_layout as L
 from shardfix.sources.base import ByteRange, ObjectEntry, PathPart, SourceIndex, TensorEntry, join_key
 from shardfix.sources.deepspeed_build import build_logical
 from shardfix.sources.deepspeed_pickle import Inert, Stored, load_tree, plain

@@ -117,9 +117,16 @@ def zero3(src: Any, shapes: list[list[tuple[str, tuple[int, ...]]]], osds: list[
     return masters, states, _get(osds[0], where[0], "optimizer_state_dict", "param_groups")
 
 
-def _frozen(src: Any, models: list[dict], where: list[str]) -> dict[str, tuple[tuple[int, ...], Pieces]]:
+def _frozen(src: Any, models: list[dict], where: list[str], skip: set[str]) -> dict[str, tuple[tuple[int, ...], Pieces]]:
+    """Frozen parameters: ``frozen_param_fragments``, or (ZeRO-1 saves no fragments) the module's
+    tensors that are neither trainable (``skip``) nor buffers, in the training dtype."""
     shapes = models[0].get("frozen_param_shapes") or {}
     out = {}
+    if not shapes and src.stage <= 2:
+        for name, t in (models[0].get("module") or {}).items():
+            if isinstance(t, Stored) and name not in skip:
+                out[str(name)] = (t.shape, [(t, 0, t.numel)])
+        return out
     for name, shape in shapes.items():
         shape = tuple(shape)
         frags = [_get(m, w, "frozen_param_fragments", name) for m, w in zip(models, where, strict=True)]
@@ -143,10 +150,10 @@ def build_logical(src: Any, m0: dict, models: list[dict], osds: list[dict],
     dims = {n: s for group in shapes for n, s in group}
     for name, pieces in masters.items():
         src.add(("model", name), pieces[0][0].dtype, dims[name], pieces, entries)
-    frozen = _frozen(src, models, mwhere)
+    buffers = [str(b) for b in m0.get("buffer_names") or []]
+    frozen = _frozen(src, models, mwhere, set(masters) | set(buffers))
     for name, (shape, pieces) in frozen.items():
         src.add(("model", name), pieces[0][0].dtype, shape, pieces, entries)
-    buffers = [str(b) for b in m0.get("buffer_names") or []]
     for name in buffers:
         b = _get(m0, mwhere[0], "module", name)
         src.add(("model", name), b.dtype, b.shape, [(b, 0, b.numel)], entries)
