@@ -24,6 +24,7 @@ KNOWN_REASONS: tuple[tuple[str, str], ...] = (
     (r"^(generation_)?config\.json$", "model configuration: copy it into the output directory to load it with "
                                       "from_pretrained"),
     (r"^(tokenizer.*|special_tokens_map|vocab|merges|added_tokens)\.(json|txt|model)$", "tokenizer file (no tensors)"),
+    (r"^model\.safetensors\.index\.json$", "index of the model shards (the shards themselves are read)"),
     (r"^(README\.md|\.gitattributes)$", "documentation"),
 )
 

@@ -10,6 +10,7 @@ from ``get_state_dict(..., full_state_dict=True)``.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -48,6 +49,18 @@ def named_state(model: nn.Module, optim: torch.optim.Optimizer) -> dict[str, dic
     """The optimizer's per-parameter state keyed by parameter name (single process)."""
     names = {id(p): n for n, p in model.named_parameters()}
     return {names[id(p)]: {k: v.clone() for k, v in s.items()} for p, s in optim.state.items()}
+
+
+def group_order_names(model: nn.Module, optim: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the optimizer's order (groups in turn): what ``--param-names`` takes."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optim.param_groups for p in g["params"]]
+
+
+def save_single(out: Path, model: nn.Module, optim: torch.optim.Optimizer, facts: dict) -> None:
+    """Reference and ``param_names.json`` of a one-process run (integer-id optimizer state)."""
+    torch.save({"model": dict(model.state_dict()), "optim": named_state(model, optim), "facts": facts}, out / "reference.pt")
+    (out / "param_names.json").write_text(json.dumps(group_order_names(model, optim)))
 
 
 def full_reference(model: nn.Module, optim: torch.optim.Optimizer, cpu_offload: bool = True) -> dict:
@@ -145,9 +158,7 @@ def lightning_ckpt(out: Path) -> None:
     trainer.fit(module)
     (out / "ckpt").mkdir(exist_ok=True)
     trainer.save_checkpoint(out / "ckpt" / "last.ckpt")
-    optim = trainer.optimizers[0]
-    torch.save({"model": dict(module.state_dict()), "optim": named_state(module, optim),
-                "facts": {"global_step": trainer.global_step}}, out / "reference.pt")
+    save_single(out, module, trainer.optimizers[0], {"global_step": trainer.global_step})
 
 
 def _lightning_fsdp(rank: int, out: Path) -> None:
@@ -176,8 +187,109 @@ def lightning_fsdp(out: Path) -> None:
     spawn(_lightning_fsdp, out)
 
 
+# -- accelerate --------------------------------------------------------------------------------
+
+
+def _accelerate_train(acc, model: nn.Module, optim: torch.optim.Optimizer, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(STEPS):
+        acc.backward(loss_of(model, gen))
+        optim.step()
+        optim.zero_grad()
+
+
+def _accelerate_fsdp(rank: int, out: Path) -> None:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT")
+    acc = Accelerator(cpu=True, fsdp_plugin=plugin)
+    # accelerate drops the FSDP plugin when it runs on CPU processes (MULTI_CPU is not in the branch that
+    # enables FSDP); forcing the type runs its own FSDP2 prepare (fully_shard) and save_state code, so the
+    # files are those it writes on GPUs
+    acc.state.distributed_type = DistributedType.FSDP
+    acc.state.fsdp_plugin = plugin
+    torch.manual_seed(0)
+    model = Tiny()
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(optim, step_size=1)
+    model, optim, sched = acc.prepare(model, optim, sched)
+    _accelerate_train(acc, model, optim, rank)
+    acc.state.distributed_type = DistributedType.FSDP  # the CPU state object resets it on the way: force it again
+    acc.save_state(str(out / "ckpt"))
+    ref = full_reference(model, optim.optimizer, cpu_offload=False)
+    if rank == 0:
+        torch.save({**ref, "facts": {}}, out / "reference.pt")
+
+
+def accelerate_fsdp(out: Path) -> None:
+    """accelerate ``save_state`` with FSDP2 ``SHARDED_STATE_DICT`` on 2 gloo ranks."""
+    spawn(_accelerate_fsdp, out)
+
+
+def accelerate_ddp(out: Path) -> None:
+    """accelerate ``save_state`` without FSDP (one process; DDP writes the same files from rank 0)."""
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = Tiny()
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(optim, step_size=1)
+    model, optim, sched = acc.prepare(model, optim, sched)
+    _accelerate_train(acc, model, optim, 0)
+    acc.save_state(str(out / "ckpt"))
+    save_single(out, model, optim.optimizer, {})
+
+
+# -- transformers Trainer ----------------------------------------------------------------------
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = torch.randint(0, 64, (8,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+def _trainer_run(out: Path, shard: bool) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import functools
+
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    if shard:  # the Trainer has no shard-size option: give save_pretrained a tiny default (its own sharding code)
+        model.save_pretrained = functools.partial(model.save_pretrained, max_shard_size="8KB")
+    args = TrainingArguments(output_dir=str(out / "run"), max_steps=STEPS, save_steps=STEPS, per_device_train_batch_size=2,
+                             learning_rate=1e-2, weight_decay=0.01, use_cpu=True, report_to=[], logging_steps=1,
+                             dataloader_num_workers=0, seed=0, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=_Tokens())
+    trainer.train()
+    os.replace(out / "run" / f"checkpoint-{STEPS}", out / "ckpt")
+    optim = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    save_single(out, model, optim, {"global_step": trainer.state.global_step})
+
+
+def trainer_single(out: Path) -> None:
+    """Trainer ``checkpoint-N/`` with one ``model.safetensors``."""
+    _trainer_run(out, shard=False)
+
+
+def trainer_sharded(out: Path) -> None:
+    """Trainer ``checkpoint-N/`` with ``model-0000i-of-0000n.safetensors`` + index."""
+    _trainer_run(out, shard=True)
+
+
 PRODUCERS: dict[str, Callable[[Path], None]] = {"hf-writer": hf_writer, "lightning-ckpt": lightning_ckpt,
-                                                 "lightning-fsdp": lightning_fsdp}
+                                                 "lightning-fsdp": lightning_fsdp, "accelerate-fsdp": accelerate_fsdp,
+                                                 "accelerate-ddp": accelerate_ddp, "trainer": trainer_single,
+                                                 "trainer-sharded": trainer_sharded}
 
 
 def main(argv: list[str] | None = None) -> int:
