@@ -55,7 +55,7 @@ def build_plan(
     _vocab_hint(ctx)
     return Plan(
         source={"path": str(index.path), "format": index.format, "files": [str(p) for p in index.files],
-                "bytes": index.total_bytes, "notes": index.notes,
+                "bytes": index.total_bytes, "notes": index.notes, "not_converted": index.not_converted,
                 **({"companions": {"path": str(companions.path), "format": companions.format}} if companions else {})},
         options=opts.to_dict(),
         files=files,

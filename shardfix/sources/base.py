@@ -100,6 +100,8 @@ class SourceIndex:
     total_bytes: int
     entries: list[Entry] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: files of the checkpoint directory that are not converted: ``{"file", "reason"}`` each
+    not_converted: list[dict[str, str]] = field(default_factory=list)
 
     def tensors(self) -> Iterable[TensorEntry]:
         return (e for e in self.entries if isinstance(e, TensorEntry))

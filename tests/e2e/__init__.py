@@ -1,0 +1,1 @@
+"""End-to-end tests against checkpoints written by real training libraries."""

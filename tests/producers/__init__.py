@@ -1,0 +1,1 @@
+"""Producers of real checkpoints written by training libraries (test-only; they import the libraries)."""
