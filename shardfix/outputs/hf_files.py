@@ -41,8 +41,8 @@ def find_generation_config(config_path: Path | None, source: Path) -> Path | Non
 
 def list_tokenizer_files(tokenizer: Path) -> list[Path]:
     """The tokenizer files to copy from ``--tokenizer PATH`` (a directory, or one of its files)."""
-    base = tokenizer if tokenizer.is_dir() else tokenizer.parent
-    if not base.is_dir():
+    if not tokenizer.exists():
         raise BadInputError(f"--tokenizer: {tokenizer}: no such file or directory")
+    base = tokenizer if tokenizer.is_dir() else tokenizer.parent
     names = [p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file()]
     return [base / n for n in tokenizer_files(names)]

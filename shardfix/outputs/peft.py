@@ -156,7 +156,7 @@ def propose_adapter_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, o
     """An ``adapter_config.json`` read off the adapter tensors (wrapped names), without ``lora_alpha``.
 
     ``r`` is the row count of ``lora_A`` (columns of ``lora_embedding_A``); if ranks differ by
-    module the most common one is ``r`` and the others go to ``rank_pattern``. ``target_modules``
+    module the most common one (the larger on a tie) is ``r`` and the others go to ``rank_pattern``. ``target_modules``
     are the targeted modules' last name components.
     """
     ranks: dict[str, int] = {}
@@ -178,7 +178,7 @@ def propose_adapter_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, o
     counts: dict[int, int] = {}
     for r in ranks.values():
         counts[r] = counts.get(r, 0) + 1
-    r = max(sorted(counts), key=lambda k: counts[k])
+    r = max(counts, key=lambda k: (counts[k], k))  # the most common rank; a tie goes to the larger
     config: dict[str, object] = {"peft_type": "LORA", "r": r, "target_modules": sorted(targets)}
     pattern = {m: v for m, v in sorted(ranks.items()) if v != r}
     if pattern:
