@@ -28,7 +28,7 @@ from shardfix.execute.context import Faults, TaskContext
 from shardfix.io.digest import tensor_digest
 from shardfix.outputs.writer import StreamingWriter, TensorSpec, build_header, file_checksum, write_json_atomic
 from shardfix.plan import OutputFile, OutputTensor
-from shardfix.reconcile.ops import apply_ops, byte_window
+from shardfix.reconcile.ops import apply_ops, byte_window, is_value
 from shardfix.sources import open_source
 from shardfix.sources.base import ByteRange, Source, TensorEntry
 
@@ -163,7 +163,7 @@ class _FileWriter:
 
     def tensor(self, t: OutputTensor) -> torch.Tensor:
         """Read (or reuse) ``t``'s source tensor and apply its ops, on the task's device."""
-        if t.ops and t.ops[0]["op"] == "value":
+        if is_value(t.ops):
             made = apply_ops(None, t.ops)
             return made.to(self.device) if self.device.type == "cuda" else made
         if (t.origin, t.source) != self.last_key:
