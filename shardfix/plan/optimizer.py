@@ -25,9 +25,9 @@ from shardfix.reconcile.optimizer import (
     map_ids,
     names_per_optimizer,
     partial_rows,
-    read_param_names,
 )
 from shardfix.sources.base import ObjectEntry, TensorEntry
+from shardfix.targets.rules_files import read_param_names
 
 
 @dataclass(slots=True)

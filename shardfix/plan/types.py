@@ -10,7 +10,7 @@ import hashlib
 import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from shardfix.dtypes import itemsize, numel
 from shardfix.io.units import format_bytes
@@ -58,14 +58,20 @@ class OutputFile:
         return hashlib.sha256(doc.encode()).hexdigest()[:32]
 
 
+#: What became of a source entry: copied (maybe renamed or cast), reshaped, cut into several
+#: outputs, recorded in a sidecar (param-group values), or not written (``reason`` says why).
+Fate = Literal["written", "reconciled", "split", "recorded", "dropped"]
+EntryKind = Literal["tensor", "object"]
+
+
 @dataclass(slots=True)
 class LedgerEntry:
     source: str
-    fate: str  # written | reconciled | split | recorded | dropped
+    fate: Fate
     outputs: list[str] = field(default_factory=list)
     actions: list[dict[str, Any]] = field(default_factory=list)
     reason: str | None = None
-    kind: str = "tensor"
+    kind: EntryKind = "tensor"
     dtype: str | None = None
     shape: list[int] | None = None
     #: set for entries of a second input (``--companions``); None for the checkpoint itself

@@ -8,7 +8,7 @@ Two kinds of data drive a split, both declarative:
   Bank slots and rows that are padding become drop actions with a reason, never outputs.
 * a **name table** (:class:`SplitRule`): for a source pattern (``{i}`` = a layer index) the
   output name of each piece of one layer, in storage order; ``"none"`` drops a piece. Each
-  profile ships one; ``--key-map FILE`` (TOML, :func:`read_key_map`) overrides it.
+  profile ships one; ``--key-map FILE`` (TOML, read by ``shardfix.targets.rules_files``) overrides it.
 
 Pieces are listed in storage order, so the outputs of one source concatenate back to it (after
 undoing a piece's transpose), padding aside. :func:`split_parts` is the planner's hook;
@@ -21,14 +21,11 @@ from __future__ import annotations
 
 import functools
 import re
-import tomllib
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
-from shardfix.errors import BadInputError
 from shardfix.reconcile import ops as O
 from shardfix.reconcile.arch import ArchConfig, AttnRule, Dims, check_architecture
 from shardfix.reconcile.padding import ShapeFix, reconcile_shape
@@ -328,34 +325,6 @@ class KeyMap:
 
     path: str
     entries: tuple[tuple[str, tuple[str, ...]], ...]
-
-
-def read_key_map(path: str) -> KeyMap:
-    """Read a ``--key-map`` TOML file.
-
-    Format: top-level keys are source names after prefix stripping, ``{i}`` standing for a
-    layer index; each value is a list of output names, one per piece in the profile's order
-    (``"none"`` drops that piece), a single string (a rename), or ``[]`` (drop the tensor)::
-
-        "blocks.{i}.attn.qkv_w" = ["model.layers.{i}.self_attn.q_proj.weight", "...k_proj.weight", "...v_proj.weight"]
-        "embed.weight" = "model.embed_tokens.weight"
-        "scalars" = []
-    """
-    p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text())
-    except OSError as e:
-        raise BadInputError(f"--key-map: cannot read {p} ({e.strerror})") from e
-    except tomllib.TOMLDecodeError as e:
-        raise BadInputError(f"--key-map: {p} is not valid TOML ({e}); quote keys that contain dots") from e
-    entries = []
-    for key, value in data.items():
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise BadInputError(f"--key-map: {p}: {key!r} must map to a list of output names (or \"none\"), got {value!r}")
-        entries.append((key, tuple(value)))
-    return KeyMap(str(p), tuple(entries))
 
 
 @dataclass(slots=True)

@@ -7,7 +7,7 @@ functions, each returning the actions it took so the ledger can record them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from shardfix.sources.base import PathPart
 
@@ -33,11 +33,15 @@ def strip_wrappers(name: str) -> tuple[str, list[str]]:
     return ".".join(kept), removed
 
 
+#: model tensor, per-parameter optimizer state, a param-group value, or anything else (training metadata)
+RoleKind = Literal["model", "optim_state", "param_group", "meta"]
+
+
 @dataclass(frozen=True, slots=True)
 class Role:
     """What a source entry is, decided from its path alone."""
 
-    kind: str  # "model" | "optim_state" | "param_group" | "meta"
+    kind: RoleKind
     name: str = ""  # model: parameter name as saved (wrappers not yet stripped)
     param: Any = None  # optim_state: parameter reference (int id or FQN string)
     state: str = ""  # optim_state: state name (exp_avg, step, ...)

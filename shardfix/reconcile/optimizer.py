@@ -14,14 +14,10 @@ such slices when one world size explains every state.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-from shardfix.errors import BadInputError
 
 
 @dataclass(slots=True)
@@ -65,44 +61,12 @@ def partial_rows(state: tuple[int, ...], param: tuple[int, ...]) -> PartialRows 
     return PartialRows(k, n, n // k if n % k == 0 else None)
 
 
-def read_param_names(path: str) -> list[str] | list[list[str]]:
-    """Read ``--param-names``.
-
-    Accepted: a JSON list of names; a JSON list of lists (one per optimizer of an
-    ``optimizers`` list); a JSON object ``{"param_names": [...]}`` or ``{"optimizers": [[...],
-    ...]}``; or plain text, one name per line (``#`` starts a comment line). A flat list with
-    several optimizers is their parameters one optimizer after the other, each in param-group
-    order.
-    """
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise BadInputError(f"--param-names: cannot read {p} ({e.strerror})") from e
-    stripped = text.strip()
-    if stripped.startswith(("[", "{")):
-        try:
-            data = json.loads(stripped)
-        except ValueError as e:
-            raise BadInputError(f"--param-names: {p} is not valid JSON ({e})") from e
-        if isinstance(data, dict):
-            data = data.get("param_names", data.get("names", data.get("optimizers")))
-        if isinstance(data, list) and data and all(isinstance(x, list) for x in data):
-            if all(isinstance(n, str) for x in data for n in x):
-                return data
-        if not isinstance(data, list) or not all(isinstance(n, str) for n in data):
-            raise BadInputError(
-                f"--param-names: {p} must hold a JSON list of parameter names (or one list per optimizer)"
-            )
-        return data
-    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
-
 
 def names_per_optimizer(names: list[str] | list[list[str]], counts: list[int]) -> list[list[str]] | str:
     """Split ``--param-names`` into one list per optimizer, or say why it does not fit.
 
     Args:
-        names: what :func:`read_param_names` returned.
+        names: what ``shardfix.targets.rules_files.read_param_names`` returned.
         counts: how many parameters each optimizer's param groups list.
     """
     if names and isinstance(names[0], list):

@@ -16,8 +16,9 @@ from shardfix.errors import BadInputError
 from shardfix.inspect.profiles import generic, hf, nanogpt_banks, nanogpt_medium, nanogpt_qkv, nanogpt_qkvo
 from shardfix.inspect.profiles.base import Evidence, Profile
 from shardfix.reconcile.arch import ArchConfig, arch_config
-from shardfix.reconcile.fused import Splitter, read_key_map
+from shardfix.reconcile.fused import Splitter
 from shardfix.sources.base import SourceIndex
+from shardfix.targets.rules_files import read_key_map
 
 __all__ = ["PROFILES", "Detection", "Evidence", "Profile", "detect_profile", "splitter_for", "target_config"]
 
