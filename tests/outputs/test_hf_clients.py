@@ -31,7 +31,7 @@ from shardfix.outputs.hf_files import (  # noqa: E402
     read_json_object,
 )
 from shardfix.outputs.peft import check_adapter_config, split_names  # noqa: E402
-from shardfix.target_sources import tokenizer_vocab  # noqa: E402
+from shardfix.targets.files import tokenizer_vocab  # noqa: E402
 from tests.conftest import bits_equal  # noqa: E402
 from tests.hf_clients import check_model, check_peft  # noqa: E402
 

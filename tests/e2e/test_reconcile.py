@@ -148,7 +148,7 @@ def test_target_model_on_meta_device(fsdp_ckpt: Path, tmp_path: Path, reference:
         "def build():\n    return TinyLM(vocab=1000, world_size=2, pad_vocab=False, pad_scalars=False)\n"
     )
     r = run_cli("convert", fsdp_ckpt, tmp_path / "out", "--target-model", "target_mod:build", "--executor", "inline",
-                env={"PYTHONPATH": f"{tmp_path}:{Path(__file__).resolve().parents[1]}"})
+                env={"PYTHONPATH": f"{tmp_path}:{Path(__file__).resolve().parents[2]}"})
     assert r.code == 0, r.err
     got = load_file(tmp_path / "out" / "model.safetensors")
     assert got["embed.weight"].shape == (1000, 32) and got["scalars"].shape == (5,)
