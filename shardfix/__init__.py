@@ -8,7 +8,7 @@ Public API:
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from shardfix.version import __version__
 
 __all__ = ["__version__", "convert", "load_optimizer_state", "plan_conversion"]
 

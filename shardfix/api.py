@@ -10,12 +10,12 @@ from typing import Any
 
 from shardfix.errors import ShardfixError
 from shardfix.execute import Faults, check_device, execute, prepare_output
+from shardfix.layouts import open_checkpoint
 from shardfix.options import ConvertOptions
 from shardfix.outputs import REPORT_NAME
 from shardfix.outputs.writer import write_json_atomic
 from shardfix.plan import Plan, build_plan
 from shardfix.report import build_report
-from shardfix.sources import open_source
 from shardfix.sources.base import Source, SourceIndex
 from shardfix.targets.files import merge_targets
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 def load_index(src: str | Path, opts: ConvertOptions | None = None) -> SourceIndex:
     """Open a checkpoint and return its metadata index (no tensor data read)."""
-    source = open_source(src, trust_pickle=bool(opts and opts.trust_pickle))
+    source = open_checkpoint(src, trust_pickle=bool(opts and opts.trust_pickle))
     try:
         return _logged_index(source)
     finally:
@@ -72,7 +72,7 @@ def inspect_source(src: str | Path, opts: ConvertOptions | None = None, *, profi
     from shardfix.inspect import add_evidence_lines, inspect_index
 
     opts = opts or ConvertOptions()
-    source = open_source(src, trust_pickle=opts.trust_pickle)
+    source = open_checkpoint(src, trust_pickle=opts.trust_pickle)
     try:
         index = _logged_index(source)
         info = inspect_index(index, profile, target_config)
@@ -96,7 +96,7 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions | None = None
     opts = opts or ConvertOptions()
     out = Path(out)
     t0 = time.perf_counter()
-    source = open_source(src, trust_pickle=opts.trust_pickle)  # opened once for the plan and the evidence
+    source = open_checkpoint(src, trust_pickle=opts.trust_pickle)  # opened once for the plan and the evidence
     try:
         plan = plan_conversion(src, opts, source=source)
         add_evidence(plan, source)

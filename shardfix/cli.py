@@ -13,9 +13,9 @@ import os
 import sys
 from typing import Any, NoReturn
 
-from shardfix import __version__
 from shardfix.errors import ReconcileConflictError, ShardfixError
 from shardfix.options import OPTION_BY_NAME, OPTIONS, ConvertOptions, Option
+from shardfix.version import __version__
 
 log = logging.getLogger("shardfix")
 

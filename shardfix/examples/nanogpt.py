@@ -1,6 +1,6 @@
 """Tiny modded-nanogpt checkpoints, laid out the way each version of the training script saves them.
 
-What rank 0 writes at the end of training (FORMATS.md): ``torch.save(dict(step=..., code=<script
+What rank 0 writes at the end of training (docs/formats/core.md): ``torch.save(dict(step=..., code=<script
 text>, model=model.state_dict(), optimizers=[opt.state_dict() for opt in optimizers]))`` with every
 model key under ``_orig_mod.`` (the compiled module was saved). Dimensions are scaled down (dim 64,
 4 heads of 16, a few layers, vocab 1000 padded to ``next_multiple_of_n(1000, n=128)`` = 1024,
@@ -49,7 +49,7 @@ VARIANTS: dict[str, str] = {
     "banks-qk-vo": "2026: qk_bank / vo_bank padded with zero rows + mlp_bank with a padding layer",
 }
 
-#: ``scalars`` content per variant, as a function of the layer count (FORMATS.md lists 5L, 6L,
+#: ``scalars`` content per variant, as a function of the layer count (docs/formats/core.md lists 5L, 6L,
 #: 5L+2, 4L+3, 3L+3, 2L+3, 2L+2 across versions); the small version has no ``scalars``.
 SCALARS_CONTENT = {
     "qkvo-4hd": lambda L: 5 * L, "qkvo-h4d": lambda L: 5 * L, "qkvo-4dh": lambda L: 5 * L,

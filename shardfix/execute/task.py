@@ -26,10 +26,10 @@ from shardfix.dtypes import itemsize
 from shardfix.errors import BadInputError, OutputError
 from shardfix.execute.context import Faults, TaskContext
 from shardfix.io.digest import tensor_digest
+from shardfix.layouts import open_checkpoint
 from shardfix.outputs.writer import StreamingWriter, TensorSpec, build_header, file_checksum, write_json_atomic
 from shardfix.plan import OutputFile, OutputTensor
 from shardfix.reconcile.ops import apply_ops, byte_window, is_value
-from shardfix.sources import open_source
 from shardfix.sources.base import ByteRange, Source, TensorEntry
 
 _SOURCES: dict[tuple[str, str, bool], Source] = {}
@@ -41,7 +41,7 @@ def _open_cached(path: str, fmt: str, trust_pickle: bool) -> Source:
     if src is None:
         if len(_SOURCES) > 4:
             drop_cached_sources()
-        src = _SOURCES[key] = open_source(path, fmt, trust_pickle=trust_pickle)
+        src = _SOURCES[key] = open_checkpoint(path, fmt, trust_pickle=trust_pickle)
     return src
 
 

@@ -25,7 +25,7 @@ from shardfix.sources.base import SourceIndex, TensorEntry
 KNOWN_VOCABS = {50257: "the GPT-2 tokenizer", 50000: "a 50000-token tokenizer", 100277: "cl100k_base",
                 151643: "the Qwen2 tokenizer", 49152: "the StarCoder tokenizer", 32001: "LLaMA + 1 added token"}
 
-#: ``scalars`` content lengths across modded-nanogpt versions (FORMATS.md), for L layers.
+#: ``scalars`` content lengths across modded-nanogpt versions (docs/formats/core.md), for L layers.
 SCALARS_FORMULAS = {"5L": lambda L: 5 * L, "6L": lambda L: 6 * L, "5L+2": lambda L: 5 * L + 2,
                     "4L+3": lambda L: 4 * L + 3, "3L+3": lambda L: 3 * L + 3, "2L+3": lambda L: 2 * L + 3,
                     "2L+2": lambda L: 2 * L + 2}

@@ -1,7 +1,7 @@
 """An allowlist unpickler for DCP ``.metadata`` files.
 
 Torch 2.13 loads ``.metadata`` with a raw ``pickle.load``, so a crafted file runs code. shardfix
-never does that: only the classes a genuine metadata pickle references (listed in FORMATS.md)
+never does that: only the classes a genuine metadata pickle references (listed in docs/formats/core.md)
 may be looked up; every other global -- ``os.system``, ``builtins.eval``, ``subprocess`` --
 is refused before anything is called. Files above :data:`MAX_METADATA_BYTES` are refused too.
 

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shardfix.errors import BadInputError
 from shardfix.layouts import accelerate, lightning, trainer
+from shardfix.sources import FORMATS, Source, detect_format, open_source
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,3 +44,37 @@ def detect_layout(path: Path) -> str | None:
         if layout.detect(path):
             return layout.name
     return None
+
+
+def detect_checkpoint(path: str | Path) -> str:
+    """The name of the layout or file format that recognises ``path``: training-stack layouts first
+    (their directories hold files of the plain formats), then :data:`shardfix.sources.FORMATS`.
+
+    Raises:
+        BadInputError: the path does not exist or nothing recognises it; the message lists what
+            the directory holds and everything shardfix reads.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise BadInputError(f"{p}: no such file or directory; pass the checkpoint's path")
+    name = detect_layout(p) or detect_format(p)
+    if name is not None:
+        return name
+    kinds = "; ".join(f"{f.name}: {f.describe}" for f in [*REGISTRY.values(), *FORMATS.values()])
+    found = sorted(c.name + ("/" if c.is_dir() else "") for c in p.iterdir())[:20] if p.is_dir() else []
+    what = f"found {', '.join(found) or 'nothing'}; " if p.is_dir() else ""
+    raise BadInputError(f"{p}: not a checkpoint shardfix can read ({what}shardfix reads {kinds})")
+
+
+def open_checkpoint(path: str | Path, format: str | None = None, *, trust_pickle: bool = False) -> Source:
+    """Open the logical checkpoint at ``path``: a training-stack layout or a plain file format.
+
+    Args:
+        path: the checkpoint file or directory.
+        format: a layout or format name (as a report records it), or None to detect.
+        trust_pickle: let torch.save files be fully unpickled (runs code in the file).
+    """
+    name = format or detect_checkpoint(path)
+    if name in REGISTRY:
+        return REGISTRY[name].open(Path(path), trust_pickle=trust_pickle)
+    return open_source(path, name, trust_pickle=trust_pickle)

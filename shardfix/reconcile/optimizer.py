@@ -50,7 +50,7 @@ class PartialRows:
 def partial_rows(state: tuple[int, ...], param: tuple[int, ...]) -> PartialRows | None:
     """Recognise a state that is a leading dim-0 slice of its parameter's shape, or None.
 
-    The rows are assumed to be rank 0's (the rank that saves in the layouts FORMATS.md names):
+    The rows are assumed to be rank 0's (the rank that saves in the layouts docs/formats/core.md names):
     the shape alone cannot tell which rank's slice a file holds.
     """
     if len(state) != len(param) or not state or state[1:] != param[1:]:

@@ -10,9 +10,9 @@ import platform
 from collections import Counter
 from typing import Any
 
-from shardfix import __version__
 from shardfix.outputs.layout import REPORT_NAME  # noqa: F401 - re-exported
 from shardfix.plan import Plan
+from shardfix.version import __version__
 
 SCHEMA_VERSION = 1
 

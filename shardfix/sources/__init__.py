@@ -41,41 +41,28 @@ FORMATS: dict[str, SourceFormat] = {
 }
 
 
-def detect_format(path: str | Path) -> str:
-    """Return the name of the format that recognises ``path``.
-
-    Raises:
-        BadInputError: the path does not exist or no format recognises it.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise BadInputError(f"{p}: no such file or directory; pass the checkpoint's path")
-    from shardfix.layouts import REGISTRY, detect_layout  # training-stack directories first (they hold formats)
-
-    if (layout := detect_layout(p)) is not None:
-        return layout
+def detect_format(path: Path) -> str | None:
+    """The name of the file format that recognises ``path``, or None (see :func:`shardfix.layouts.detect_checkpoint`)."""
     for fmt in FORMATS.values():
-        if fmt.detect(p):
+        if fmt.detect(path):
             return fmt.name
-    kinds = "; ".join(f"{f.name}: {f.describe}" for f in [*REGISTRY.values(), *FORMATS.values()])
-    found = sorted(c.name + ("/" if c.is_dir() else "") for c in p.iterdir())[:20] if p.is_dir() else []
-    what = f"found {', '.join(found) or 'nothing'}; " if p.is_dir() else ""
-    raise BadInputError(f"{p}: not a checkpoint shardfix can read ({what}shardfix reads {kinds})")
+    return None
 
 
 def open_source(path: str | Path, format: str | None = None, *, trust_pickle: bool = False) -> Source:
-    """Open a checkpoint, detecting its format unless ``format`` names one.
+    """Open a checkpoint in one of the file formats of :data:`FORMATS`, detecting it unless ``format`` names one.
+
+    Training-stack directories (a Trainer's ``checkpoint-N/``, ...) are opened by
+    :func:`shardfix.layouts.open_checkpoint`, which also takes these formats.
 
     Args:
         path: the checkpoint file or directory.
         format: a name from :data:`FORMATS`, or None to detect.
         trust_pickle: let torch.save files be fully unpickled (runs code in the file).
     """
-    from shardfix.layouts import REGISTRY
-
-    name = format or detect_format(path)
-    if name in REGISTRY:
-        return REGISTRY[name].open(Path(path), trust_pickle=trust_pickle)
-    if name not in FORMATS:
-        raise BadInputError(f"unknown source format {name!r}; known: {', '.join(FORMATS)}")
-    return FORMATS[name].open(Path(path), trust_pickle=trust_pickle)
+    p = Path(path)
+    name = format or detect_format(p)
+    if name is None or name not in FORMATS:
+        raise BadInputError(f"{p}: not a checkpoint in a format shardfix reads ({', '.join(FORMATS)})"
+                            if name is None else f"unknown source format {name!r}; known: {', '.join(FORMATS)}")
+    return FORMATS[name].open(p, trust_pickle=trust_pickle)

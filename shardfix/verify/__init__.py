@@ -349,9 +349,9 @@ class _Recompute:
     """Recompute each output tensor from the source with its recorded ops and compare bytes."""
 
     def __init__(self, against: str | Path, trust_pickle: bool, report: dict[str, Any], problems: list[str]) -> None:
-        from shardfix.sources import open_source
+        from shardfix.layouts import open_checkpoint
 
-        self.src = open_source(against, trust_pickle=trust_pickle)
+        self.src = open_checkpoint(against, trust_pickle=trust_pickle)
         self.problems = problems
         self.compared = 0
         self._key: str | None = None

@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shardfix.sources import open_source
+from shardfix.layouts import open_checkpoint as open_source
 from tests.conftest import ROOT, run_cli
 
 pytest.importorskip("lightning", reason="the test-stacks extra is not installed (pip install -e '.[test-stacks]')")

@@ -1,4 +1,4 @@
-"""Profiles: each modded-nanogpt layout in FORMATS.md is identified from names and shapes, and
+"""Profiles: each modded-nanogpt layout in docs/formats/core.md is identified from names and shapes, and
 ``shardfix inspect`` reports what decided it and the architecture it implies."""
 
 from __future__ import annotations

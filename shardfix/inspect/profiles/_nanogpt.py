@@ -1,4 +1,4 @@
-"""Facts shared by the modded-nanogpt profiles (FORMATS.md): model dim, layers, MLP width, lm_head.
+"""Facts shared by the modded-nanogpt profiles (docs/formats/core.md): model dim, layers, MLP width, lm_head.
 
 All from names and shapes: the model dim is the embedding's width; layers are the
 ``blocks.{i}`` indices or, for the 2026 banks (no per-layer modules), the length of a per-layer
