@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shardfix.errors import BadInputError
-from shardfix.sources import dcp, safetensors_src, torchranks, torchsave
+from shardfix.sources import dcp, megatron, safetensors_src, torchranks, torchsave
 from shardfix.sources.base import Chunk, ObjectEntry, Source, SourceIndex, TensorEntry
 
 __all__ = [
@@ -36,7 +36,7 @@ class SourceFormat:
 
 
 FORMATS: dict[str, SourceFormat] = {
-    m.NAME: SourceFormat(m.NAME, m.detect, m.open, m.DESCRIBE) for m in (dcp, torchranks, safetensors_src, torchsave)
+    m.NAME: SourceFormat(m.NAME, m.detect, m.open, m.DESCRIBE) for m in (megatron, dcp, torchranks, safetensors_src, torchsave)
 }
 
 
