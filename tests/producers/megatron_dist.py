@@ -3,8 +3,9 @@
 A tiny GPTModel (2 layers, hidden 64, vocab 1000 padded to a multiple of 128 x TP) is trained for
 two steps by ``world = tp * dp`` processes and saved with ``dist_checkpointing.save`` into
 ``OUT/iter_0000002/``, as Megatron's training loop does. Next to it, ``OUT/reference.safetensors``
-holds what the training processes handed to the saver: every ShardedTensor's global tensor,
-assembled from each rank's local box (stacked layers keep their leading ``[L]`` axis; the keys
+holds what the training processes handed to the saver: every ShardedTensor's global tensor
+(except the ``dp_reshardable`` flat buffers, which shardfix does not convert), assembled from each
+rank's local box (stacked layers keep their leading ``[L]`` axis; the keys
 are the checkpoint's own keys).
 
 Megatron's training and save paths call a few CUDA-only functions. :func:`cpu_stand_ins`
@@ -147,6 +148,8 @@ def _write_reference(boxes: list[list[Any]], path: Path) -> None:
     full: dict[str, torch.Tensor] = {}
     for rank_boxes in boxes:
         for key, shape, offset, data in rank_boxes:
+            if key.startswith("optimizer.distributed."):
+                continue  # dp_reshardable flat buffers: rank-local bucket layout, not converted by shardfix
             t = full.setdefault(key, torch.full(shape, float("nan"), dtype=data.dtype) if data.is_floating_point()
                                 else torch.zeros(shape, dtype=data.dtype))
             view = t
@@ -162,7 +165,8 @@ def _write_reference(boxes: list[list[Any]], path: Path) -> None:
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    import faulthandler, sys
+    import faulthandler
+    import sys
     faulthandler.dump_traceback_later(60, exit=True, file=sys.stderr)
     cpu_stand_ins()
     import torch.distributed as dist
