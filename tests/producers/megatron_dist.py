@@ -167,7 +167,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
                       LOCAL_RANK=str(rank))
     import faulthandler
     import sys
-    faulthandler.dump_traceback_later(60, exit=True, file=sys.stderr)
+    faulthandler.dump_traceback_later(240, exit=True, file=sys.stderr)  # a hung collective fails, with stacks
     cpu_stand_ins()
     import torch.distributed as dist
     from megatron.core import dist_checkpointing, parallel_state
