@@ -7,7 +7,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${SHARDFIX_VENV:-$ROOT/.venv}
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
-EXTRAS=${SHARDFIX_EXTRAS:-test,test-stacks,test-hf}
+EXTRAS=${SHARDFIX_EXTRAS:-test,test-stacks,test-hf,test-megatron}
 if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating $VENV" >&2
   "$PYTHON" -m venv "$VENV"

@@ -38,6 +38,7 @@ MAX_METADATA_BYTES = 1 << 30
 
 _DCP_MD = "torch.distributed.checkpoint.metadata"
 _SHARD_MD = "torch.distributed._shard.sharded_tensor.metadata"
+_PLANNER = "torch.distributed.checkpoint.planner"
 
 #: The dataclasses a genuine metadata pickle builds with ``NEWOBJ`` + ``BUILD``.
 _CLASSES: dict[str, frozenset[str]] = {
@@ -53,6 +54,8 @@ _CLASSES: dict[str, frozenset[str]] = {
         }
     ),
     "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfo"}),
+    # Megatron-core sets ``Metadata.all_local_plans``: every rank's save plan, kept as inert data
+    _PLANNER: frozenset({"SavePlan", "WriteItem", "TensorWriteData"}),
     _SHARD_MD: frozenset({"TensorProperties"}),
 }
 
@@ -63,6 +66,13 @@ _MEMORY_FORMATS = {0: torch.contiguous_format, 1: torch.channels_last, 2: torch.
 def _mem_format_code(value: Any) -> int:
     if type(value) is not int or value not in _MEMORY_FORMATS:
         raise ValueError(f"unknown memory-format code {value!r}")
+    return value
+
+
+def _write_item_type(value: Any) -> int:
+    """``WriteItemType(v)`` in a save plan: the plain code (1 tensor, 2 shard, 3 bytes), never the enum member."""
+    if type(value) is not int or value not in (1, 2, 3):
+        raise ValueError(f"unknown WriteItemType code {value!r}")
     return value
 
 
@@ -90,6 +100,7 @@ def _ordered_dict(items: Any = ()) -> collections.OrderedDict:
 _CALLABLES: dict[tuple[str, str], Callable[..., Any]] = {
     (_DCP_MD, "_MEM_FORMAT_ENCODING"): _mem_format_code,
     (_SHARD_MD, "MEM_FORMAT_ENCODING"): _mem_format_code,
+    (_PLANNER, "WriteItemType"): _write_item_type,
     ("torch.serialization", "_get_layout"): _layout,
     ("torch", "Size"): _size,
     ("collections", "OrderedDict"): _ordered_dict,

@@ -262,6 +262,14 @@ def _chunks(shape: tuple[int, ...], dims: Dims, n: int) -> Cut | str:
     return _labelled(labels, [[O.narrow(0, j * r, r)] for j in range(n)], f"{n} equal parts of dim 0")
 
 
+def _layers(shape: tuple[int, ...], dims: Dims, n: int) -> Cut | str:
+    """Layers stacked on a leading axis ``[L, ...]`` (Megatron's homogeneous layers) -> one tensor per layer."""
+    if not shape:
+        return "expected a leading layer axis, got a 0-d tensor"
+    return Cut(("weight",), [Piece("weight", [O.select(0, i)], i) for i in range(shape[0])],
+               f"{shape[0]} layers stacked on dim 0")
+
+
 def _rename(shape: tuple[int, ...], dims: Dims, n: int) -> Cut | str:
     return Cut(("weight",), [Piece("weight", [])], "renamed")
 
@@ -287,6 +295,7 @@ LAYOUTS: dict[str, Layout] = {
     "vo_bank": _vo_bank,
     "hf_qkv": _hf_qkv,
     "halves": lambda s, d, n: _chunks(s, d, 2),
+    "layers": _layers,
     "rename": _rename,
     "auto": _auto,
 }
@@ -296,7 +305,9 @@ LAYOUTS: dict[str, Layout] = {
 
 @functools.lru_cache(maxsize=512)
 def _pattern(pattern: str) -> re.Pattern[str]:
-    return re.compile(re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)") + r"\Z")
+    # ``{name}``: the rest of a dotted name that does not start with a layer index
+    rx = re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{name\}", r"(?P<name>(?!\d+\.)[^/]+)")
+    return re.compile(rx + r"\Z")
 
 
 def match_pattern(pattern: str, name: str) -> dict[str, str] | None:
@@ -365,6 +376,10 @@ class Splitter:
 
 
 def _fill(template: str, layer: int | None, cap: dict[str, str]) -> str | None:
+    if "{name}" in template:
+        if "name" not in cap:
+            return None
+        template = template.replace("{name}", cap["name"])
     i = str(layer) if layer is not None else cap.get("i")
     if "{i}" in template:
         return None if i is None else template.replace("{i}", i)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shardfix.errors import BadInputError
-from shardfix.sources import dcp, deepspeed, hf_distributed, safetensors_src, torchranks, torchsave
+from shardfix.sources import dcp, deepspeed, hf_distributed, megatron, safetensors_src, torchranks, torchsave
 from shardfix.sources.base import Chunk, ObjectEntry, Source, SourceIndex, TensorEntry
 
 __all__ = [
@@ -37,7 +37,7 @@ class SourceFormat:
 
 FORMATS: dict[str, SourceFormat] = {
     m.NAME: SourceFormat(m.NAME, m.detect, m.open, m.DESCRIBE)
-    for m in (dcp, deepspeed, torchranks, hf_distributed, safetensors_src, torchsave)
+    for m in (megatron, dcp, deepspeed, torchranks, hf_distributed, safetensors_src, torchsave)
 }
 
 

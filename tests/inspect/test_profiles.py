@@ -33,7 +33,7 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_registry_has_one_module_per_layout() -> None:
-    assert set(EXPECTED_PROFILE.values()) | {"hf", "generic"} == set(PROFILES)
+    assert set(EXPECTED_PROFILE.values()) | {"hf", "generic", "megatron"} == set(PROFILES)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shardfix.errors import BadInputError
-from shardfix.inspect.profiles import generic, hf, nanogpt_banks, nanogpt_medium, nanogpt_qkv, nanogpt_qkvo
+from shardfix.inspect.profiles import generic, hf, megatron, nanogpt_banks, nanogpt_medium, nanogpt_qkv, nanogpt_qkvo
 from shardfix.inspect.profiles.base import Evidence, Profile
 from shardfix.reconcile.arch import ArchConfig, arch_config
 from shardfix.reconcile.fused import Splitter
@@ -23,8 +23,8 @@ from shardfix.targets.rules_files import read_key_map
 __all__ = ["PROFILES", "Detection", "Evidence", "Profile", "detect_profile", "splitter_for", "target_config"]
 
 PROFILES: dict[str, Profile] = {
-    m.NAME: Profile(m.NAME, m.DESCRIBE, m.detect, tuple(m.TABLE), tuple(m.ATTENTION))
-    for m in (nanogpt_banks, nanogpt_medium, nanogpt_qkvo, nanogpt_qkv, hf, generic)
+    m.NAME: Profile(m.NAME, m.DESCRIBE, m.detect, tuple(m.TABLE), tuple(m.ATTENTION), getattr(m, "SPLIT_ALWAYS", False))
+    for m in (megatron, nanogpt_banks, nanogpt_medium, nanogpt_qkvo, nanogpt_qkv, hf, generic)
 }
 
 
@@ -90,5 +90,6 @@ def splitter_for(index: SourceIndex, opts: Any, targets: Any = None, detection: 
         if sibling is not None:
             dims = dims.with_config(arch_config(sibling[0], f"{sibling[1]}")[0])
     key_map = read_key_map(opts.key_map) if getattr(opts, "key_map", None) else None
+    split = bool(getattr(opts, "split_fused", False)) or det.profile.split_always
     return Splitter(det.profile.name, det.profile.table, det.profile.attention, dims, key_map,
-                    bool(getattr(opts, "split_fused", False)), cfg, cfg_problems, det.to_dict() | {"dims": dims.to_dict()})
+                    split, cfg, cfg_problems, det.to_dict() | {"dims": dims.to_dict()})

@@ -47,6 +47,8 @@ class Profile:
     detect: Callable[[SourceIndex], Evidence]
     table: tuple[SplitRule, ...] = ()
     attention: tuple[AttnRule, ...] = ()
+    #: apply ``table`` without ``--split-fused`` (its splits are needed for the model's own names)
+    split_always: bool = False
 
 
 def model_shapes(index: SourceIndex) -> dict[str, tuple[int, ...]]:
