@@ -31,6 +31,7 @@ import torch
 from shardfix.dtypes import itemsize
 from shardfix.errors import BadInputError, InternalError, OutputError
 from shardfix.io.digest import tensor_digest
+from shardfix.io.units import format_bytes
 from shardfix.outputs.writer import StreamingWriter, TensorSpec, file_checksum, index_json, write_json_atomic
 from shardfix.plan import COMPANIONS, MODEL, OPTIMIZER, OutputFile, OutputTensor, Plan
 from shardfix.reconcile.ops import apply_ops, byte_window
@@ -389,27 +390,19 @@ class Progress:
         if self.tty:
             bar_w = max(10, min(30, self.width - 70))
             bar = "#" * int(frac * bar_w)
-            line = (f"[{bar:<{bar_w}}] {frac:6.1%} {_fmt_bytes(self.done)}/{_fmt_bytes(self.total)} "
+            line = (f"[{bar:<{bar_w}}] {frac:6.1%} {format_bytes(self.done, 1)}/{format_bytes(self.total, 1)} "
                     f"{rate / 1e6:7.1f} MB/s eta {left:5.0f}s {label}")
             self.stream.write("\r" + line[: self.width - 1].ljust(self.width - 1))
             self.stream.flush()
         elif time.perf_counter() - self._last_log >= self.interval or frac >= 1.0:
-            log.info("progress %.1f%% (%s of %s, %.1f MB/s, eta %.0fs): %s", frac * 100, _fmt_bytes(self.done),
-                     _fmt_bytes(self.total), rate / 1e6, left, label)
+            log.info("progress %.1f%% (%s of %s, %.1f MB/s, eta %.0fs): %s", frac * 100, format_bytes(self.done, 1),
+                     format_bytes(self.total, 1), rate / 1e6, left, label)
             self._last_log = time.perf_counter()
 
     def close(self) -> None:
         if self.tty and not self.off:
             self.stream.write("\n")
             self.stream.flush()
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def run_inline(ctx: dict[str, Any], files: list[OutputFile], progress: Progress) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 from shardfix.dtypes import itemsize, numel
+from shardfix.io.units import format_bytes
 from shardfix.reconcile.fused import Part
 from shardfix.reconcile.padding import ShapeFix
 from shardfix.sources.base import TensorEntry
@@ -114,14 +115,14 @@ class Plan:
             fates[e.fate] += 1
         lines = [
             f"source: {self.source['path']} ({self.source['format']}, {len(self.source['files'])} files, "
-            f"{_human(self.source['bytes'])})",
+            f"{format_bytes(self.source['bytes'])})",
             "ledger: " + ", ".join(f"{n} {k}" for k, n in sorted(fates.items())) + f" ({len(self.ledger)} entries)",
         ]
         for kind in (MODEL, OPTIMIZER, COMPANIONS):
             fs = self.files_of(kind)
             if fs:
                 n = sum(len(f.tensors) for f in fs)
-                lines.append(f"{kind}: {n} tensors in {len(fs)} file(s), {_human(sum(f.nbytes for f in fs))}")
+                lines.append(f"{kind}: {n} tensors in {len(fs)} file(s), {format_bytes(sum(f.nbytes for f in fs))}")
         changed = [e for e in self.ledger if e.fate in ("reconciled", "split")]
         for e in changed[:20]:
             acts = "; ".join(_action_text(a) for a in e.actions if a["action"] != "rename")
@@ -134,14 +135,6 @@ class Plan:
         for w in self.warnings:
             lines.append(f"warning: {w}")
         return "\n".join(lines)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 def _action_text(a: dict[str, Any]) -> str:
