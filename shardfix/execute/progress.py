@@ -43,13 +43,13 @@ class Progress:
         if self.tty:
             bar_w = max(10, min(30, self.width - 70))
             bar = "#" * int(frac * bar_w)
-            line = (f"[{bar:<{bar_w}}] {frac:6.1%} {format_bytes(self.done)}/{format_bytes(self.total)} "
+            line = (f"[{bar:<{bar_w}}] {frac:6.1%} {format_bytes(self.done, 1)}/{format_bytes(self.total, 1)} "
                     f"{rate / 1e6:7.1f} MB/s eta {left:5.0f}s {label}")
             self.stream.write("\r" + line[: self.width - 1].ljust(self.width - 1))
             self.stream.flush()
         elif time.perf_counter() - self._last_log >= self.interval or frac >= 1.0:
-            log.info("progress %.1f%% (%s of %s, %.1f MB/s, eta %.0fs): %s", frac * 100, format_bytes(self.done),
-                     format_bytes(self.total), rate / 1e6, left, label)
+            log.info("progress %.1f%% (%s of %s, %.1f MB/s, eta %.0fs): %s", frac * 100, format_bytes(self.done, 1),
+                     format_bytes(self.total, 1), rate / 1e6, left, label)
             self._last_log = time.perf_counter()
 
     def close(self) -> None:

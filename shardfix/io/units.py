@@ -1,12 +1,19 @@
-"""Byte counts in words (decimal units, as disks and the README's tables count them)."""
+"""Byte counts for people: the one formatter (``parse_size`` for flags lives in ``shardfix.options``)."""
 
 from __future__ import annotations
 
 
-def format_bytes(n: float, digits: int = 1) -> str:
-    """``1234567`` -> ``"1.2 MB"`` (``digits`` decimals above bytes)."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.{digits}f} {unit}"
+def format_bytes(n: float, decimals: int = 2) -> str:
+    """``n`` bytes in decimal units: ``"512 B"``, ``"1.50 MB"``, ``"2.10 TB"`` (TB is the largest unit).
+
+    Args:
+        n: a byte count (may be negative or fractional).
+        decimals: digits after the point for KB and larger; bytes are always whole.
+    """
+    if abs(n) < 1000:
+        return f"{n:.0f} B"
+    for unit in ("KB", "MB", "GB"):
         n /= 1000
-    return f"{n:.{digits}f} TB"
+        if abs(n) < 1000:
+            return f"{n:.{decimals}f} {unit}"
+    return f"{n / 1000:.{decimals}f} TB"

@@ -1,6 +1,7 @@
 """A streaming safetensors writer and the Hugging Face index files.
 
-The header is computed from the planned names, dtypes and shapes before any data exists; each
+The header is computed from the planned names, dtypes and shapes before any data exists
+(:func:`shardfix.io.st_header.build_header`, re-exported here for the executor); each
 tensor is then written straight after the previous one, so the writer holds one tensor at a
 time (``safetensors.torch.save_file`` builds the whole file in memory) -- or none at all: a
 tensor whose bytes already lie in source files (:meth:`StreamingWriter.write_ranges`) is
@@ -29,8 +30,9 @@ import xxhash
 
 from shardfix.dtypes import itemsize, numel, st_name
 from shardfix.errors import IncompleteSourceError, InternalError, OutputError
+from shardfix.io.preads import fill, fill_upto
+from shardfix.io.st_header import build_header
 from shardfix.sources.base import ByteRange
-from shardfix.sources.records import read_into
 
 HASH_NAME = "xxh3_64"
 #: Bytes moved per step: small enough that a block read from the source is still in the CPU
@@ -73,20 +75,6 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         return numel(self.shape) * itemsize(self.dtype)
-
-
-def build_header(specs: list[TensorSpec], metadata: dict[str, str] | None = None) -> bytes:
-    """The exact header bytes (length prefix included) for tensors written in ``specs`` order."""
-    header: dict[str, object] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    offset = 0
-    for s in specs:
-        header[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
-        offset += s.nbytes
-    body = json.dumps(header, separators=(",", ":")).encode()
-    body += b" " * (-len(body) % 8)
-    return len(body).to_bytes(8, "little") + body
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -269,7 +257,7 @@ class StreamingWriter:
             buf = self._ring[slot]
             n = min(BLOCK, nbytes - done)
             block = buf[:n]
-            read_into(r.fd, offset + done, block, r.origin, name)
+            fill(r.fd, offset + done, block, r.origin, name)
             if crc is not None:
                 if self._crc_pool is None:
                     self._crc_pool = ThreadPoolExecutor(1, thread_name_prefix="shardfix-crc")
@@ -354,7 +342,7 @@ def fd_checksum(fd: int, buf: memoryview | None = None) -> str:
     h = xxhash.xxh3_128()
     buf = buf if buf is not None else memoryview(bytearray(BLOCK))
     offset = 0
-    while n := os.preadv(fd, [buf], offset):
+    while n := fill_upto(fd, offset, buf):
         h.update(buf[:n])
         offset += n
     return h.hexdigest()

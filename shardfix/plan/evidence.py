@@ -64,7 +64,7 @@ def _rows_with_nonzero(source: Source, key: str) -> torch.Tensor:
         t = source.read_tensor(key)
         return (t.reshape(t.shape[0], -1) != 0).any(dim=1)
     from shardfix.dtypes import torch_dtype
-    from shardfix.sources.records import read_into
+    from shardfix.io.preads import fill
 
     dtype = torch_dtype(entry.dtype)
     rows = entry.shape[0]
@@ -82,7 +82,7 @@ def _rows_with_nonzero(source: Source, key: str) -> torch.Tensor:
         for first in range(0, r.nbytes // row_bytes, per):
             n = min(per, r.nbytes // row_bytes - first)
             view = buf[: n * row_bytes]
-            read_into(r.fd, r.offset + first * row_bytes, memoryview(view.numpy()), r.origin, key)
+            fill(r.fd, r.offset + first * row_bytes, memoryview(view.numpy()), r.origin, key)
             out[done : done + n] = (view.view(dtype).reshape(n, -1) != 0).any(dim=1)
             done += n
     return out

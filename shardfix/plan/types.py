@@ -119,14 +119,14 @@ class Plan:
             fates[e.fate] += 1
         lines = [
             f"source: {self.source['path']} ({self.source['format']}, {len(self.source['files'])} files, "
-            f"{format_bytes(self.source['bytes'], 2)})",
+            f"{format_bytes(self.source['bytes'])})",
             "ledger: " + ", ".join(f"{n} {k}" for k, n in sorted(fates.items())) + f" ({len(self.ledger)} entries)",
         ]
         for kind in (MODEL, OPTIMIZER, COMPANIONS):
             fs = self.files_of(kind)
             if fs:
                 n = sum(len(f.tensors) for f in fs)
-                lines.append(f"{kind}: {n} tensors in {len(fs)} file(s), {format_bytes(sum(f.nbytes for f in fs), 2)}")
+                lines.append(f"{kind}: {n} tensors in {len(fs)} file(s), {format_bytes(sum(f.nbytes for f in fs))}")
         changed = [e for e in self.ledger if e.fate in ("reconciled", "split")]
         for e in changed[:20]:
             acts = "; ".join(_action_text(a) for a in e.actions if a["action"] != "rename")
@@ -139,8 +139,6 @@ class Plan:
         for w in self.warnings:
             lines.append(f"warning: {w}")
         return "\n".join(lines)
-
-
 
 
 def _action_text(a: dict[str, Any]) -> str:

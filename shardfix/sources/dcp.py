@@ -17,10 +17,8 @@ decoded with ``weights_only=True``.
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
-import struct
 import threading
 from pathlib import Path
 from typing import Any, ClassVar
@@ -29,11 +27,14 @@ import torch
 
 from shardfix.dtypes import itemsize, numel, st_name, torch_dtype
 from shardfix.errors import BadInputError, IncompleteSourceError, ShardfixError
+from shardfix.io import st_header
+from shardfix.io.preads import fill, pread_upto, read_exact
 from shardfix.io.safe_pickle import is_weights_only_refusal, load_metadata_pickle, refused_global
+from shardfix.io.zipdir import check_zip_record
 from shardfix.sources import fastrecord
 from shardfix.sources.base import ByteRange, Chunk, MemberCheck, ObjectEntry, SourceIndex, TensorEntry
-from shardfix.sources.records import decode_record, read_exact, read_into
-from shardfix.sources.zipcheck import check_zip_record
+from shardfix.sources.records import decode_record
+from shardfix.sources.tiling import check_tiling
 
 NAME = "dcp"
 DESCRIBE = "a DCP directory with .metadata and .distcp files"
@@ -64,45 +65,6 @@ def detect(path: Path) -> bool:
 
 def open(path: Path, trust_pickle: bool = False) -> DcpSource:  # noqa: A001 - registry verb
     return DcpSource(path, trust_pickle=trust_pickle)
-
-
-def _check_tiling(key: str, shape: tuple[int, ...], chunks: list[Chunk]) -> None:
-    """Raise unless the chunk boxes cover ``shape`` exactly: no gap, no overlap, in bounds."""
-    for c in chunks:
-        if len(c.offsets) != len(shape) or len(c.sizes) != len(shape):
-            raise IncompleteSourceError(
-                f"{key}: chunk at {list(c.offsets)} has rank {len(c.sizes)}, tensor has {len(shape)}"
-            )
-        for o, s, d in zip(c.offsets, c.sizes, shape, strict=True):
-            if o < 0 or s < 0 or o + s > d:
-                raise IncompleteSourceError(
-                    f"{key}: chunk at offsets {list(c.offsets)} sizes {list(c.sizes)} lies outside "
-                    f"the tensor's shape {list(shape)}; the metadata is corrupt"
-                )
-    total = sum(c.numel for c in chunks)
-    expected = numel(shape)
-    nonempty = sorted((c for c in chunks if c.numel), key=lambda c: c.offsets)
-    if shape:
-        for i, a in enumerate(nonempty):
-            a_end = a.offsets[0] + a.sizes[0]
-            for b in nonempty[i + 1 :]:
-                if b.offsets[0] >= a_end:
-                    break
-                if all(
-                    max(ao, bo) < min(ao + as_, bo + bs)
-                    for ao, as_, bo, bs in zip(a.offsets, a.sizes, b.offsets, b.sizes, strict=True)
-                ):
-                    raise IncompleteSourceError(
-                        f"{key}: chunks at offsets {list(a.offsets)} and {list(b.offsets)} overlap; "
-                        "the metadata is corrupt or merges two different saves"
-                    )
-    elif len(nonempty) > 1:
-        raise IncompleteSourceError(f"{key}: a 0-d tensor has {len(nonempty)} chunks")
-    if total != expected:
-        raise IncompleteSourceError(
-            f"{key}: the chunks cover {total} of {expected} elements of shape {list(shape)}; "
-            "a rank's data is missing (for per-rank metadata, every __N.metadata must be present)"
-        )
 
 
 class DcpSource:
@@ -192,7 +154,7 @@ class DcpSource:
                             "the metadata is incomplete"
                         )
                     chunks.append(self._chunk(key, offs, sizes, info, files))
-                _check_tiling(key, shape, chunks)
+                check_tiling(key, shape, chunks)
                 self._check_record_sizes(key, dtype, shape, chunks)
                 entries.append(TensorEntry(key, path, dtype, shape, tuple(chunks)))
             else:
@@ -312,39 +274,27 @@ class DcpSource:
             )
         return t
 
-    def _safetensors_header(self, rel: str) -> dict[str, Any] | None:
-        """The parsed header when ``rel`` was saved with ``serialization_format=SAFETENSORS``."""
+    def _safetensors_header(self, rel: str) -> st_header.Header | None:
+        """The validated header when ``rel`` was saved with ``serialization_format=SAFETENSORS``."""
         cache = self.__dict__.setdefault("_st_headers", {})
         if rel not in cache:
             fd = self._fd(rel)
-            head = os.pread(fd, 9, 0)
-            header = None
-            if len(head) == 9 and head[8:9] == b"{":
-                (n,) = struct.unpack("<Q", head[:8])
-                try:
-                    header = json.loads(read_exact(fd, 8, n, self.path / rel, "header"))
-                    header["__base__"] = 8 + n
-                except ValueError as e:
-                    raise IncompleteSourceError(f"{self.path / rel}: corrupt safetensors header: {e}") from e
-            cache[rel] = header
+            cache[rel] = st_header.read_header_fd(fd, self.path / rel) if st_header.looks_like(pread_upto(fd, 0, 9)) else None
         return cache[rel]
 
-    def _read_safetensors_chunk(self, entry: TensorEntry, chunk: Chunk, header: dict[str, Any]) -> torch.Tensor:
+    def _read_safetensors_chunk(self, entry: TensorEntry, chunk: Chunk, header: st_header.Header) -> torch.Tensor:
         origin = self.path / (chunk.file or "")
-        info = header.get(entry.key)
+        info = header.tensors.get(entry.key)
         if info is None:
             raise IncompleteSourceError(f"{origin}: holds no tensor {entry.key}; the metadata belongs to another save")
-        start, end = info["data_offsets"]
-        if info["dtype"] != entry.dtype or tuple(info["shape"]) != chunk.sizes:
+        if info.dtype != entry.dtype or info.shape != chunk.sizes:
             raise IncompleteSourceError(
-                f"{origin}: {entry.key} is {info['dtype']} {info['shape']} but the metadata says "
+                f"{origin}: {entry.key} is {info.dtype} {list(info.shape)} but the metadata says "
                 f"{entry.dtype} {list(chunk.sizes)}"
             )
         out = torch.empty(chunk.sizes, dtype=torch_dtype(entry.dtype))
         dest = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-        if len(dest) != end - start:
-            raise IncompleteSourceError(f"{origin}: {entry.key} has {end - start} bytes, expected {len(dest)}")
-        read_into(self._fd(chunk.file or ""), header["__base__"] + start, dest, origin, entry.key)
+        fill(self._fd(chunk.file or ""), header.data_start + info.start, dest, origin, entry.key)
         return out
 
     def read_tensor(self, key: str) -> torch.Tensor:
@@ -382,11 +332,10 @@ class DcpSource:
             rel = chunk.file or ""
             header = self._safetensors_header(rel)
             if header is not None:
-                info = header.get(entry.key)
-                if info is None or info["dtype"] != entry.dtype or tuple(info["shape"]) != chunk.sizes:
+                info = header.tensors.get(entry.key)
+                if info is None or info.dtype != entry.dtype or info.shape != chunk.sizes:
                     return None  # read_chunk reports the mismatch
-                start, end = info["data_offsets"]
-                ranges.append(ByteRange(self._fd(rel), header["__base__"] + start, end - start, self.path / rel))
+                ranges.append(ByteRange(self._fd(rel), header.data_start + info.start, info.nbytes, self.path / rel))
                 continue
             layout = self._layout(chunk)
             run = layout.contiguous_range() if layout is not None else None

@@ -33,11 +33,11 @@ import torch
 
 from shardfix.dtypes import st_name
 from shardfix.errors import BadInputError
+from shardfix.io.preads import fill
 from shardfix.sources.base import ByteRange, ObjectEntry, PathPart, SourceIndex, TensorEntry, join_key
 from shardfix.sources.deepspeed_build import build_logical
 from shardfix.sources.deepspeed_pickle import Inert, Stored, load_tree, plain
 from shardfix.sources.fastrecord import byte_view
-from shardfix.sources.records import read_into
 
 NAME = "deepspeed"
 DESCRIBE = "a DeepSpeed ZeRO checkpoint (a directory holding `latest`, or its global_stepN/ directory)"
@@ -283,7 +283,7 @@ class DeepSpeedSource:
         out = torch.empty(_numel(spec.shape), dtype=spec.dtype)
         view, pos = byte_view(out), 0
         for r in self.byte_ranges(key) or []:
-            read_into(r.fd, r.offset, view[pos : pos + r.nbytes], r.origin, key)
+            fill(r.fd, r.offset, view[pos : pos + r.nbytes], r.origin, key)
             pos += r.nbytes
         return out.reshape(spec.shape)
 

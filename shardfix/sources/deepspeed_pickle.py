@@ -17,7 +17,7 @@ the tensor lies, never a tensor) with exactly the globals genuine DeepSpeed 0.19
   attributes checked to be plain values and otherwise ignored.
 
 DeepSpeed is never imported. Storage members are located through the zip's central directory
-(:func:`fastrecord._central_directory`), so a tensor is a file offset, not bytes in memory.
+(:func:`shardfix.io.zipdir.read_directory`), so a tensor is a file offset, not bytes in memory.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from typing import Any
 import torch
 
 from shardfix.errors import BadInputError, UnsafeInputError
+from shardfix.io import zipdir
+from shardfix.io.preads import pread_upto
 from shardfix.sources import fastrecord as fr
 
 _SCALARS = (str, int, float, bool, type(None))
@@ -170,12 +172,15 @@ def load_tree(path: Path) -> Any:
 def _load(fd: int, path: Path) -> Any:
     length = os.fstat(fd).st_size
     try:
-        entries, end = fr._central_directory(fd, 0, length)
+        try:
+            entries, end = zipdir.read_directory(lambda offset, n: pread_upto(fd, offset, n), length)
+        except zipdir.ZipError as e:
+            raise fr._Decline(str(e)) from e
         pkl = [n for n in entries if n.endswith("/data.pkl") and n.count("/") == 1]
-        if len(pkl) != 1 or entries[pkl[0]][1] > _MAX_PICKLE:
+        if len(pkl) != 1 or entries[pkl[0]].size > _MAX_PICKLE:
             raise fr._Decline("no single data.pkl")
         prefix = pkl[0].split("/", 1)[0]
-        _, data = fr._entry_data(fd, 0, end, pkl[0], entries[pkl[0]], read=True)
+        _, data = fr._entry_data(fd, 0, end, entries[pkl[0]], read=True)
         tree = _DeepSpeedUnpickler(io.BytesIO(data)).load()
         members: dict[str, tuple[int, int]] = {}
 
@@ -185,7 +190,7 @@ def _load(fd: int, path: Path) -> Any:
                 name = f"{prefix}/data/{key}"
                 if name not in entries:
                     raise fr._Decline(f"no member {name}")
-                members[key] = (fr._entry_data(fd, 0, end, name, entries[name], read=False)[0], entries[name][1])
+                members[key] = (fr._entry_data(fd, 0, end, entries[name], read=False)[0], entries[name].size)
             start, nbytes = members[key]
             item = r.dtype.itemsize
             last = r.storage_offset + sum((s - 1) * st for s, st in zip(r.size, r.stride, strict=True)) \

@@ -8,7 +8,7 @@ small ``pread`` calls -- and returns where the tensor's bytes lie in the file. R
 ``preadv`` them straight into the destination memory (:func:`read_into`) or hand the byte
 range to the streaming writer: no intermediate buffer, no ``torch.load``.
 
-What :func:`~shardfix.sources.zipcheck.check_zip_record` checks on the decoding path holds here
+What :func:`~shardfix.io.zipdir.check_zip_record` checks on the decoding path holds here
 too: the archive must end exactly where the record ends, every member must lie inside it,
 stored, and the small members (``data.pkl``, ``byteorder``) must match their CRC-32 or the
 record is declined. The storage member's CRC-32 (:attr:`RecordLayout.crc32`) is checked by
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import collections
 import io
-import os
 import pickle
 import struct
 import sys
@@ -43,20 +42,17 @@ from typing import Any
 import torch
 
 from shardfix.dtypes import ST_TO_TORCH
-
-_EOCD = b"PK\x05\x06"
-_ZIP64_LOCATOR = b"PK\x06\x07"
-_ZIP64_EOCD = b"PK\x06\x06"
-_CENTRAL = b"PK\x01\x02"
-_LOCAL = b"PK\x03\x04"
-_U32_MAX = 0xFFFFFFFF
-_U16_MAX = 0xFFFF
+from shardfix.io import zipdir
+from shardfix.io.preads import fill_upto, pread_upto
+from shardfix.io.zipdir import LOCAL_SIZE
 
 #: Bytes read from the end of a record to find the end-of-central-directory records; a
 #: torch.save record's directory (7 small entries, no comment) fits many times over.
 _TAIL = 4096
 #: Largest ``data.pkl`` or central directory accepted; a one-tensor record needs ~200 bytes.
 _MAX_SMALL = 1 << 20
+#: Most members accepted; a one-tensor record has 5-7.
+_MAX_MEMBERS = 64
 #: Bytes read past a local header's fixed part in one go: name plus torch's alignment padding.
 _LOCAL_SLACK = 512
 
@@ -225,105 +221,24 @@ def parse_pickle(data: bytes) -> _Rebuilt:
 # -- zip ----------------------------------------------------------------------------------------
 
 
-def _pread(fd: int, n: int, offset: int) -> bytes:
-    data = os.pread(fd, n, offset)
-    if len(data) != n:
-        raise _Decline("short read")
-    return data
-
-
-def _zip64_values(extra: bytes, wanted: list[bool]) -> list[int]:
-    """Values of the zip64 extra field (id 1) for the 32-bit fields that overflowed."""
-    pos = 0
-    while pos + 4 <= len(extra):
-        tag, size = struct.unpack_from("<HH", extra, pos)
-        if tag == 1:
-            body = extra[pos + 4 : pos + 4 + size]
-            count = sum(wanted)
-            if len(body) < 8 * count:
-                raise _Decline("zip64 extra field too short")
-            return list(struct.unpack_from(f"<{count}Q", body))
-        pos += 4 + size
-    raise _Decline("zip64 extra field missing")
-
-
-def _central_directory(fd: int, base: int, length: int) -> tuple[dict[str, tuple[int, int, int, int]], int]:
-    """``{name: (method, size, local header offset, crc32)}`` of the zip stored at ``base``, and
-    where its member data ends (the directory's offset)."""
-    n = min(length, _TAIL)
-    tail = _pread(fd, n, base + length - n)
-    pos = tail.rfind(_EOCD)
-    if pos < 0 or pos + 22 > len(tail):
-        raise _Decline("no end of central directory")
-    _, _, _, count, cd_size, cd_off, comment = struct.unpack_from("<HHHHIIH", tail, pos + 4)
-    if pos + 22 + comment != len(tail):
-        raise _Decline("end of central directory not at the end of the record")
-    loc = pos - 20
-    if loc >= 0 and tail[loc : loc + 4] == _ZIP64_LOCATOR:
-        (z64_off,) = struct.unpack_from("<Q", tail, loc + 8)
-        rel = z64_off - (length - n)  # the zip64 record's position inside ``tail``
-        if rel < 0 or rel + 56 > loc or tail[rel : rel + 4] != _ZIP64_EOCD:
-            raise _Decline("zip64 end of central directory not where its locator says")
-        count, cd_size, cd_off = struct.unpack_from("<QQQ", tail, rel + 32)
-        cd_end = z64_off
-    elif _U16_MAX in (count,) or _U32_MAX in (cd_size, cd_off):
-        raise _Decline("zip64 sizes without a zip64 locator")
-    else:
-        cd_end = length - n + pos
-    if cd_off + cd_size != cd_end or cd_size > _MAX_SMALL or count > 64:
-        raise _Decline("central directory not contiguous with its end record (prepended data?)")
-    rel = cd_off - (length - n)
-    cd = tail[rel : rel + cd_size] if rel >= 0 else _pread(fd, cd_size, base + cd_off)
-    entries: dict[str, tuple[int, int, int, int]] = {}
-    pos = 0
-    for _ in range(count):
-        if cd[pos : pos + 4] != _CENTRAL or pos + 46 > len(cd):
-            raise _Decline("bad central directory entry")
-        method, crc, csize, usize, nlen, xlen, clen = struct.unpack_from("<H4xIIIHHH", cd, pos + 10)
-        (lho,) = struct.unpack_from("<I", cd, pos + 42)
-        name = cd[pos + 46 : pos + 46 + nlen].decode("utf-8", "replace")
-        extra = cd[pos + 46 + nlen : pos + 46 + nlen + xlen]
-        wanted = [usize == _U32_MAX, csize == _U32_MAX, lho == _U32_MAX]
-        if any(wanted):
-            values = iter(_zip64_values(extra, wanted))
-            usize = next(values) if wanted[0] else usize
-            csize = next(values) if wanted[1] else csize
-            lho = next(values) if wanted[2] else lho
-        if csize != usize or lho + 30 > cd_off:
-            raise _Decline(f"{name} is compressed or outside the archive data")
-        entries[name] = (method, usize, lho, crc)
-        pos += 46 + nlen + xlen + clen
-    if pos != cd_size:
-        raise _Decline("central directory size does not match its entries")
-    return entries, cd_off
-
-
-def _entry_data(fd: int, base: int, end: int, name: str, entry: tuple[int, int, int, int],
-                read: bool) -> tuple[int, bytes]:
-    """Offset of an entry's data (relative to ``base``) and, when ``read``, its CRC-checked bytes.
+def _entry_data(fd: int, base: int, end: int, member: zipdir.Member, read: bool) -> tuple[int, bytes]:
+    """Offset of a member's data (relative to ``base``) and, when ``read``, its CRC-checked bytes.
 
     ``end`` is where the archive's member data ends (its central directory starts).
     """
-    method, size, lho, crc = entry
-    if method != 0:
-        raise _Decline(f"{name} is compressed")
-    want = 30 + _LOCAL_SLACK + (size if read else 0)
-    head = os.pread(fd, min(want, max(end - lho, 0)), base + lho)
-    if len(head) < 30 or head[:4] != _LOCAL:
-        raise _Decline(f"no local header for {name}")
-    nlen, xlen = struct.unpack_from("<HH", head, 26)
-    if head[30 : 30 + nlen].decode("utf-8", "replace") != name:
-        raise _Decline(f"local header name differs for {name}")
-    start = lho + 30 + nlen + xlen
-    if start + size > end:
-        raise _Decline(f"{name} runs past the end of the archive data")
+    want = LOCAL_SIZE + _LOCAL_SLACK + (member.size if read else 0)
+    head = pread_upto(fd, base + member.header_offset, min(want, max(end - member.header_offset, 0)))
+    start = zipdir.data_offset(head, member, end)
     if not read:
         return start, b""
-    body = head[start - lho : start - lho + size]
-    if len(body) != size:
-        body = _pread(fd, size, base + start)
-    if crc and zlib.crc32(body) != crc:
-        raise _Decline(f"{name} fails its CRC-32 check")  # the decoding path names the damage
+    rel = start - member.header_offset
+    body = head[rel : rel + member.size]
+    if len(body) != member.size:
+        body = pread_upto(fd, base + start, member.size)
+        if len(body) != member.size:
+            raise _Decline("short read")
+    if not zipdir.crc_matches(body, member):
+        raise _Decline(f"{member.name} fails its CRC-32 check")  # the decoding path names the damage
     return start, body
 
 
@@ -334,35 +249,37 @@ def locate(fd: int, base: int, length: int) -> RecordLayout | None:
     """
     try:
         return _locate(fd, base, length)
-    except (_Decline, OSError, struct.error, UnicodeError):
+    except (_Decline, zipdir.ZipError, OSError, struct.error, UnicodeError):
         return None
 
 
 def _locate(fd: int, base: int, length: int) -> RecordLayout:
     if length < 22:
         raise _Decline("record too short to be a zip")
-    entries, end = _central_directory(fd, base, length)
+    directory = zipdir.read_directory(lambda offset, n: pread_upto(fd, base + offset, n), length, tail=_TAIL,
+                                      max_members=_MAX_MEMBERS, max_directory=_MAX_SMALL)
+    entries, end = directory
     prefixes = {name.split("/", 1)[0] for name in entries}
     if len(prefixes) != 1:
         raise _Decline("entries do not share one archive prefix")
     prefix = prefixes.pop()
     pkl = entries.get(f"{prefix}/data.pkl")
-    if pkl is None or pkl[1] > _MAX_SMALL:
+    if pkl is None or pkl.size > _MAX_SMALL:
         raise _Decline("no (small) data.pkl")
     order = entries.get(f"{prefix}/byteorder")
     if order is not None:
-        if order[1] > 16:
+        if order.size > 16:
             raise _Decline("odd byteorder record")
-        _, text = _entry_data(fd, base, end, f"{prefix}/byteorder", order, read=True)
+        _, text = _entry_data(fd, base, end, order, read=True)
         if text.decode("ascii", "replace") != sys.byteorder:
             raise _Decline("byte order differs from the host's")
-    _, pickled = _entry_data(fd, base, end, f"{prefix}/data.pkl", pkl, read=True)
+    _, pickled = _entry_data(fd, base, end, pkl, read=True)
     rebuilt = parse_pickle(pickled)
     data_name = f"{prefix}/data/{rebuilt.storage.key}"
     data = entries.get(data_name)
     if data is None:
         raise _Decline(f"no {data_name}")
-    start, nbytes = _entry_data(fd, base, end, data_name, data, read=False)[0], data[1]
+    start, nbytes = _entry_data(fd, base, end, data, read=False)[0], data.size
     itemsize = rebuilt.dtype.itemsize
     expected = rebuilt.storage.numel * (itemsize if rebuilt.storage.dtype is not None else 1)
     if nbytes != expected:
@@ -374,22 +291,10 @@ def _locate(fd: int, base: int, length: int) -> RecordLayout:
     if (last + 1) * itemsize > nbytes:
         raise _Decline("tensor addresses bytes outside its storage")
     return RecordLayout(rebuilt.dtype, rebuilt.size, rebuilt.stride, rebuilt.storage_offset, base + start, nbytes,
-                        data[3], data_name)
+                        data.crc32, data_name)
 
 
 # -- reading ------------------------------------------------------------------------------------
-
-#: Linux returns at most about 2 GiB from one read; ask for less and loop.
-_MAX_READ = 1 << 30
-
-
-def _fill(fd: int, offset: int, dest: memoryview) -> None:
-    done, length = 0, len(dest)
-    while done < length:
-        n = os.preadv(fd, [dest[done : done + min(_MAX_READ, length - done)]], offset + done)
-        if n == 0:
-            raise _Decline("file ended early")  # the fallback reports the truncation properly
-        done += n
 
 
 def byte_view(t: torch.Tensor) -> memoryview:
@@ -417,7 +322,8 @@ def read_into(fd: int, layout: RecordLayout, dest: torch.Tensor) -> bool:
     try:
         if run is not None and dest.is_contiguous() and (whole or not layout.crc32):
             view = byte_view(dest)
-            _fill(fd, run[0], view)
+            if fill_upto(fd, run[0], view) != len(view):
+                return False  # the file ends early: the fallback reports the truncation properly
             return not layout.crc32 or zlib.crc32(view) == layout.crc32
         itemsize = layout.dtype.itemsize
         if layout.crc32:  # the check covers the whole member: read all of it
@@ -428,14 +334,15 @@ def read_into(fd: int, layout: RecordLayout, dest: torch.Tensor) -> bool:
             nbytes = (last - first + 1) * itemsize
         span = torch.empty(nbytes, dtype=torch.uint8)
         view = byte_view(span)
-        _fill(fd, layout.storage_start + first * itemsize, view)
+        if fill_upto(fd, layout.storage_start + first * itemsize, view) != len(view):
+            return False
         if layout.crc32 and zlib.crc32(view) != layout.crc32:
             return False
         offset = layout.storage_offset - first
         dest.copy_(torch.as_strided(span[: nbytes - nbytes % itemsize].view(layout.dtype), layout.shape,
                                     layout.stride, offset))
         return True
-    except (_Decline, OSError):
+    except OSError:
         return False
 
 

@@ -22,10 +22,10 @@ import torch
 
 from shardfix.dtypes import torch_dtype
 from shardfix.errors import BadInputError, IncompleteSourceError
+from shardfix.io.preads import fill
 from shardfix.sources.base import ByteRange, Chunk, SourceIndex, TensorEntry
-from shardfix.sources.dcp import _check_tiling
-from shardfix.sources.records import read_into
 from shardfix.sources.safetensors_src import read_header
+from shardfix.sources.tiling import check_tiling
 
 NAME = "hf-distributed"
 DESCRIBE = "torch HuggingFaceStorageWriter(save_distributed=True) shards (shard-0000r-model-0000i-of-0000n.safetensors)"
@@ -114,7 +114,7 @@ class HfDistributedSource:
         entries = []
         for name, chunks in boxes.items():
             shape = tuple(max(c.offsets[d] + c.sizes[d] for c in chunks) for d in range(len(chunks[0].sizes)))
-            _check_tiling(name, shape, chunks)
+            check_tiling(name, shape, chunks)
             entries.append(TensorEntry(name, (name,), dtypes[name][0], shape, tuple(chunks)))
         paths = [f for _, f in files]
         note = (f"{len(ranks)} ranks' shards placed by their saved offsets; the format records no global shape, so a "
@@ -153,7 +153,7 @@ class HfDistributedSource:
             if len(dest) != c.length:
                 raise IncompleteSourceError(f"{self.path / (c.file or '')}: {key} holds {c.length} bytes, its box "
                                             f"{list(c.sizes)} needs {len(dest)}; the file is corrupt")
-            read_into(self._fd(c.file or ""), c.byte_offset, dest, self.path / (c.file or ""), key)
+            fill(self._fd(c.file or ""), c.byte_offset, dest, self.path / (c.file or ""), key)
             if part is not view:
                 view.copy_(part)
         return out

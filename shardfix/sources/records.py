@@ -1,4 +1,4 @@
-"""Reading byte ranges and decoding DCP chunk records.
+"""Decoding DCP chunk records (byte ranges are read with :mod:`shardfix.io.preads`).
 
 A record is a complete ``torch.save`` zip archive, optionally inside a zstd frame. Decoding is
 always ``weights_only=True``. Failures name the file and key and say what to do.
@@ -7,7 +7,6 @@ always ``weights_only=True``. Failures name the file and key and say what to do.
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,37 +14,11 @@ import torch
 
 from shardfix.errors import BadInputError, IncompleteSourceError, UnsafeInputError
 from shardfix.io.safe_pickle import is_weights_only_refusal, refused_global
-from shardfix.sources.zipcheck import check_zip_record
+from shardfix.io.zipdir import check_zip_record
 
 ZIP_MAGIC = b"PK\x03\x04"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 ZSTD_DESCRIPTOR = "stream.zstd"
-
-#: Linux returns at most about 2 GiB from one read; ask for less and loop.
-_MAX_READ = 1 << 30
-
-
-def read_exact(fd: int, offset: int, length: int, origin: Path, key: str) -> bytearray:
-    """Read exactly ``length`` bytes at ``offset`` of ``fd`` into a new buffer."""
-    buf = bytearray(length)
-    read_into(fd, offset, memoryview(buf), origin, key)
-    return buf
-
-
-def read_into(fd: int, offset: int, dest: memoryview, origin: Path, key: str) -> None:
-    """Fill ``dest`` from ``fd`` at ``offset``, looping over short reads."""
-    done, length = 0, len(dest)
-    while done < length:
-        try:
-            n = os.preadv(fd, [dest[done : done + min(_MAX_READ, length - done)]], offset + done)
-        except OSError as e:
-            raise IncompleteSourceError(f"{origin}: read error for {key}: {e.strerror}") from e
-        if n == 0:
-            raise IncompleteSourceError(
-                f"{origin}: ends after {offset + done} bytes while reading {key} "
-                f"(needs {offset + length}); the file is truncated -- copy it again"
-            )
-        done += n
 
 
 def _unzstd(raw: bytes | bytearray, origin: Path, key: str) -> bytes:

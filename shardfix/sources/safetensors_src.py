@@ -1,26 +1,25 @@
 """safetensors: one file, or a directory of shards with or without an index.
 
 Used to re-convert and to verify shardfix's own output. The index is built from the headers
-alone; tensors are read with ``safetensors.safe_open`` (mmap). In a shardfix output directory,
-tensors of the ``optimizer`` file set are optimizer state named ``state.<param>.<state>``.
+alone (:func:`shardfix.io.st_header.read_header`, which validates them); tensors are read with
+``safetensors.safe_open`` (mmap). In a shardfix output directory, tensors of the ``optimizer``
+file set are optimizer state named ``state.<param>.<state>``.
 """
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from safetensors import safe_open
 
-from shardfix.errors import BadInputError, IncompleteSourceError
+from shardfix.errors import BadInputError
+from shardfix.io.st_header import read_header
 from shardfix.sources.base import ObjectEntry, SourceIndex, TensorEntry
 
 NAME = "safetensors"
 DESCRIBE = "a .safetensors file or a directory of them"
-MAX_HEADER = 100 * 1024 * 1024
 
 
 def detect(path: Path) -> bool:
@@ -34,36 +33,6 @@ def detect(path: Path) -> bool:
 def open(path: Path, trust_pickle: bool = False) -> SafetensorsSource:  # noqa: A001
     """Open safetensors (``trust_pickle`` is accepted for a uniform registry and unused: no pickles here)."""
     return SafetensorsSource(path)
-
-
-def read_header(path: Path) -> dict[str, Any]:
-    """Parse a safetensors header (no tensor data read), checking it fits the file."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                raise IncompleteSourceError(f"{path}: too short to be safetensors ({size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
-                raise IncompleteSourceError(f"{path}: header length {n} does not fit the file ({size} bytes)")
-            header = json.loads(f.read(n))
-    except OSError as e:
-        raise BadInputError(f"{path}: cannot read ({e.strerror})") from e
-    except ValueError as e:
-        raise IncompleteSourceError(f"{path}: corrupt safetensors header ({e})") from e
-    data_len = size - 8 - n
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        if not 0 <= start <= end <= data_len:
-            raise IncompleteSourceError(
-                f"{path}: tensor {name} spans bytes {start}..{end} of a {data_len}-byte data section; "
-                "the file is truncated"
-            )
-    header["__data_start__"] = 8 + n
-    return header
 
 
 def shard_files(path: Path) -> list[Path]:
@@ -91,14 +60,11 @@ class SafetensorsSource:
         entries: list[TensorEntry | ObjectEntry] = []
         self._where: dict[str, Path] = {}
         for f in files:
-            header = read_header(f)
-            for name, info in header.items():
-                if name.startswith("__"):
-                    continue
+            for name, info in read_header(f).tensors.items():
                 if name in self._where:
                     raise BadInputError(f"{path}: tensor {name} appears in {self._where[name].name} and {f.name}")
                 self._where[name] = f
-                entries.append(TensorEntry(name, _path_for(f, name), info["dtype"], tuple(info["shape"])))
+                entries.append(TensorEntry(name, _path_for(f, name), info.dtype, info.shape))
         self.index = SourceIndex(path, NAME, files, sum(f.stat().st_size for f in files), entries)
         self._handles: dict[Path, Any] = {}
 

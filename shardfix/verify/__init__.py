@@ -16,7 +16,7 @@ check.
 from __future__ import annotations
 
 import json
-import struct
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -25,9 +25,11 @@ import xxhash
 
 from shardfix.dtypes import itemsize, numel
 from shardfix.errors import BadInputError, ShardfixError
+from shardfix.io.preads import fill_upto, pread_upto
+from shardfix.io.st_header import Header, build_header, read_header
 from shardfix.outputs.hf import PARAM_GROUPS_NAME
 from shardfix.outputs.layout import REPORT_NAME, STAGING
-from shardfix.outputs.writer import TensorSpec, build_header, tensor_bytes
+from shardfix.outputs.writer import TensorSpec, tensor_bytes
 
 _SETS = ("model", "optimizer", "companions")
 _BLOCK = 16 << 20
@@ -195,21 +197,6 @@ def _check_index(idx: Path, files: list[dict[str, Any]], problems: list[str]) ->
 # -- files ----------------------------------------------------------------------------------------
 
 
-def _parse_header(path: Path, size: int) -> tuple[int, dict[str, Any]]:
-    """(data start, header dict) of a safetensors file, or raise ValueError saying what is wrong."""
-    with path.open("rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise ValueError(f"only {size} bytes")
-        (n,) = struct.unpack("<Q", head)
-        if 8 + n > size:
-            raise ValueError(f"header length {n} runs past the end of the {size}-byte file")
-        header = json.loads(fh.read(n))
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    return 8 + n, header
-
-
 def _layout(f: dict[str, Any]) -> tuple[int, dict[str, tuple[int, int]]]:
     """Where shardfix's writer puts each tensor of ``f`` (used when the file's header is unreadable)."""
     specs = [TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in f["tensors"]]
@@ -221,43 +208,22 @@ def _layout(f: dict[str, Any]) -> tuple[int, dict[str, tuple[int, int]]]:
     return start, where
 
 
-def _header_problems(
-    path: Path, f: dict[str, Any], header: dict[str, Any], data_len: int, problems: list[str]
-) -> dict[str, tuple[int, int]]:
-    """Compare the header with the report; return each tensor's data range that can be checked."""
+def _header_problems(path: Path, f: dict[str, Any], header: Header, problems: list[str]) -> dict[str, tuple[int, int]]:
+    """Compare the (validated) header with the report; return each listed tensor's data range."""
     listed = {t["name"]: t for t in f["tensors"]}
     where: dict[str, tuple[int, int]] = {}
-    spans = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
+    for name, info in header.tensors.items():
         t = listed.get(name)
         if t is None:
             problems.append(f"{path}: holds tensor {name}, which the report does not list")
-            continue
-        try:
-            start, end = (int(x) for x in info["data_offsets"])
-            dtype, shape = info["dtype"], list(info["shape"])
-        except (KeyError, TypeError, ValueError):
-            problems.append(f"{path}: tensor {name}: malformed header entry")
-            continue
-        if dtype != t["dtype"] or shape != t["shape"]:
-            problems.append(f"{path}: tensor {name} is {dtype} {shape} in the header, the report says "
-                            f"{t['dtype']} {t['shape']}")
-            continue
-        if end - start != _nbytes(t) or not 0 <= start <= end <= data_len:
-            problems.append(f"{path}: tensor {name}: data_offsets {[start, end]} do not fit {dtype} {shape} "
-                            f"in a {data_len}-byte data section")
-            continue
-        where[name] = (start, end)
-        spans.append((start, end, name))
+        elif info.dtype != t["dtype"] or list(info.shape) != t["shape"]:
+            problems.append(f"{path}: tensor {name} is {info.dtype} {list(info.shape)} in the header, the report "
+                            f"says {t['dtype']} {t['shape']}")
+        else:
+            where[name] = (info.start, info.end)
     for name in listed:
-        if name not in header:
+        if name not in header.tensors:
             problems.append(f"{path}: tensor {name} is missing from the file")
-    spans.sort()
-    for (_, a_end, a), (b_start, _, b) in zip(spans, spans[1:], strict=False):
-        if b_start < a_end:
-            problems.append(f"{path}: tensors {a} and {b} overlap in the data section")
     return where
 
 
@@ -271,21 +237,23 @@ def _check_file(out: Path, f: dict[str, Any], problems: list[str], stats: dict[s
     if f.get("bytes") is not None and size != f["bytes"]:
         problems.append(f"{path}: {size} bytes, the report says {f['bytes']}")
     try:
-        data_start, header = _parse_header(path, size)
-        where = _header_problems(path, f, header, size - data_start, problems)
-    except (OSError, ValueError) as e:
-        problems.append(f"{path}: header unreadable ({e}); checking its tensors at the offsets shardfix writes")
+        header = read_header(path)
+        data_start, where = header.data_start, _header_problems(path, f, header, problems)
+    except BadInputError as e:
+        why = str(e).removeprefix(f"{path}: ")
+        problems.append(f"{path}: header unreadable ({why}); checking its tensors at the offsets shardfix writes")
         data_start, where = _layout(f)
     file_hash = xxhash.xxh3_128()
     planned = {t["name"]: t for t in f["tensors"]}
-    with path.open("rb", buffering=0) as fh:
+    fd = os.open(path, os.O_RDONLY)
+    try:
         pos = 0
         for name, (start, end) in sorted(where.items(), key=lambda kv: kv[1]):
-            pos = _hash_to(fh, pos, data_start + start, file_hash)
+            pos = _hash_to(fd, pos, data_start + start, file_hash)
             if pos != data_start + start:
                 problems.append(f"{path}: tensor {name}: the file ends before its data")
                 continue
-            data = _read(fh, end - start)
+            data = _read(fd, pos, end - start)
             pos += len(data)
             file_hash.update(data)
             t = planned[name]
@@ -300,7 +268,9 @@ def _check_file(out: Path, f: dict[str, Any], problems: list[str], stats: dict[s
                                 "(its bytes changed after they were written)")
             if recompute is not None:
                 recompute.compare(path, t, data)
-        pos = _hash_to(fh, pos, None, file_hash)
+        pos = _hash_to(fd, pos, None, file_hash)
+    finally:
+        os.close(fd)
     if file_hash.hexdigest() != f["checksum"]:
         problems.append(f"{path}: file checksum {file_hash.hexdigest()} != {f['checksum']} in the report "
                         "(the file changed after it was written)")
@@ -308,22 +278,18 @@ def _check_file(out: Path, f: dict[str, Any], problems: list[str], stats: dict[s
         _loader_check(path, problems)
 
 
-def _read(fh: Any, n: int) -> bytearray:
+def _read(fd: int, pos: int, n: int) -> bytearray:
+    """Up to ``n`` bytes at ``pos`` (fewer when the file ends first)."""
     buf = bytearray(n)
-    view, got = memoryview(buf), 0
-    while got < n:
-        k = fh.readinto(view[got:])
-        if not k:
-            return buf[:got]
-        got += k
-    return buf
+    got = fill_upto(fd, pos, memoryview(buf))
+    return buf if got == n else buf[:got]
 
 
-def _hash_to(fh: Any, pos: int, stop: int | None, h: Any) -> int:
+def _hash_to(fd: int, pos: int, stop: int | None, h: Any) -> int:
     """Hash bytes from ``pos`` up to ``stop`` (or the end); return the new position."""
     while stop is None or pos < stop:
         n = _BLOCK if stop is None else min(_BLOCK, stop - pos)
-        chunk = fh.read(n)
+        chunk = pread_upto(fd, pos, n)
         if not chunk:
             break
         h.update(chunk)

@@ -76,7 +76,7 @@ def test_three_node_cluster_matches_inline(fsdp_ckpt, inline_ref, tmp_path):
     """
     out = tmp_path / "out"
     p = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "_cluster_run.py"), str(fsdp_ckpt), str(out)],
+        [sys.executable, str(ROOT / "tests" / "execute" / "_cluster_run.py"), str(fsdp_ckpt), str(out)],
         capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL,
         env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / FAULTS_HOOK}", "RAY_ADDRESS": "",
              "SHARDFIX_TEST_TASK_DELAY": "0.2"},

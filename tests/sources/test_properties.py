@@ -32,8 +32,9 @@ from shardfix.dtypes import ST_TO_TORCH
 from shardfix.errors import IncompleteSourceError, ShardfixError
 from shardfix.options import ConvertOptions
 from shardfix.sources.base import Chunk
-from shardfix.sources.dcp import DcpSource, _check_tiling
+from shardfix.sources.dcp import DcpSource
 from shardfix.sources.records import decode_record
+from shardfix.sources.tiling import check_tiling
 from shardfix.verify import verify_output
 from tests.conftest import bits_equal
 
@@ -187,22 +188,22 @@ def test_tiling_check_accepts_exact_tilings_only(data: st.DataObject) -> None:
     shape = tuple(data.draw(st.lists(st.integers(1, 6), min_size=1, max_size=3)))
     boxes = data.draw(tilings(shape))
     chunks = [Chunk(o, s) for o, s in boxes]
-    _check_tiling("k", shape, chunks)
+    check_tiling("k", shape, chunks)
     nonempty = [c for c in chunks if c.numel]
     # drop a box: a gap
     drop = data.draw(st.integers(0, len(nonempty) - 1))
     with pytest.raises(IncompleteSourceError, match="cover"):
-        _check_tiling("k", shape, [c for c in chunks if c is not nonempty[drop]])
+        check_tiling("k", shape, [c for c in chunks if c is not nonempty[drop]])
     # duplicate a box: an overlap (or, for a 1-element box, a count mismatch)
     with pytest.raises(IncompleteSourceError, match="overlap|cover"):
-        _check_tiling("k", shape, [*chunks, nonempty[drop]])
+        check_tiling("k", shape, [*chunks, nonempty[drop]])
     # move a box by one along some dim: overlap, gap or out of bounds
     dim = data.draw(st.integers(0, len(shape) - 1))
     moved = list(nonempty[drop].offsets)
     moved[dim] += data.draw(st.sampled_from([-1, 1]))
     shifted = Chunk(tuple(moved), nonempty[drop].sizes)
     with pytest.raises(IncompleteSourceError):
-        _check_tiling("k", shape, [c for c in chunks if c is not nonempty[drop]] + [shifted])
+        check_tiling("k", shape, [c for c in chunks if c is not nonempty[drop]] + [shifted])
 
 
 # -- fuzzing ------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ time, and the test session already holds the shared local instance (``ray_sessio
 cluster lives and dies with this process instead. Prints the report's executor section and the
 node ids the tasks ran on as one JSON line.
 
-Usage: ``python tests/_cluster_run.py SRC OUT``.
+Usage: ``python tests/execute/_cluster_run.py SRC OUT``.
 """
 
 from __future__ import annotations
