@@ -39,6 +39,7 @@ def build_plan(
             ``--skip-mismatched``), every name collision and every target problem.
     """
     ctx = PlanContext.start(index, opts, targets or Targets())
+    ctx.warnings.extend(index.warnings)
     name_model_tensors(ctx)
     apply_profile(ctx)
     fix_shapes(ctx, wanted_shapes(ctx))
@@ -48,6 +49,7 @@ def build_plan(
         raise ReconcileConflictError(ctx.problems)
     model_out = model_outputs(ctx)
     record_the_rest(ctx)
+    stored = record_stored(ctx)
     comp_out, comp_ledger = plan_companions(companions, ctx) if companions is not None else ([], [])
     files = (assign_files(model_out, MODEL, opts.max_shard_size) + assign_files(optim.out, OPTIMIZER, opts.max_shard_size)
              + assign_files(comp_out, COMPANIONS, opts.max_shard_size))
@@ -59,7 +61,7 @@ def build_plan(
                 **({"companions": {"path": str(companions.path), "format": companions.format}} if companions else {})},
         options=opts.to_dict(),
         files=files,
-        ledger=[ctx.ledger[e.key] for e in index.entries] + comp_ledger,
+        ledger=[ctx.ledger[e.key] for e in index.entries] + stored + comp_ledger,
         findings=_findings(ctx),
         warnings=ctx.warnings,
         param_groups=optim.param_groups,
@@ -80,6 +82,30 @@ def record_the_rest(ctx: PlanContext) -> None:
         else:
             reason = "not mapped to any output"
         ctx.record(LedgerEntry(e.key, "dropped", reason=reason, kind=kind, **extra))
+
+
+def record_stored(ctx: PlanContext) -> list[LedgerEntry]:
+    """Ledger entries for the physical tensors assembled entries were built from (DeepSpeed partitions).
+
+    Each gets the outputs of the entries it feeds, an ``assemble`` action naming them, and an
+    ``unpad`` action for the padding elements left out; one that feeds nothing is dropped with its reason.
+    """
+    out = []
+    for st in ctx.index.stored:
+        outputs = list(dict.fromkeys(o for k in st.feeds if k in ctx.ledger for o in ctx.ledger[k].outputs))
+        actions: list[dict[str, Any]] = []
+        if st.feeds:
+            shown = ", ".join(st.feeds[:8]) + (f" and {len(st.feeds) - 8} more" if len(st.feeds) > 8 else "")
+            actions.append({"action": "assemble", "rule": f"pieces of {shown}"})
+        if st.padding:
+            actions.append({"action": "unpad", "rule": f"{st.padding} padding element(s) left out"})
+        if not outputs:
+            why = st.note or ("the entries it feeds are not written" if st.feeds else "feeds no tensor")
+            out.append(LedgerEntry(st.key, "dropped", [], actions, why, dtype=st.dtype, shape=list(st.shape)))
+        else:
+            out.append(LedgerEntry(st.key, "split" if len(outputs) > 1 else "written", outputs, actions,
+                                   dtype=st.dtype, shape=list(st.shape)))
+    return out
 
 
 def _findings(ctx: PlanContext) -> dict[str, Any]:

@@ -91,6 +91,23 @@ Entry = TensorEntry | ObjectEntry
 
 
 @dataclass(slots=True)
+class StoredEntry:
+    """A physical tensor of a format whose index holds *assembled* tensors (DeepSpeed's flat partitions).
+
+    The index's entries are then logical tensors built from pieces of several stored ones; each
+    stored tensor names the logical keys it ``feeds``, how many of its elements are padding, and
+    (when it feeds nothing) why. The planner gives each one its own ledger entry.
+    """
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    feeds: list[str] = field(default_factory=list)
+    padding: int = 0
+    note: str = ""
+
+
+@dataclass(slots=True)
 class SourceIndex:
     """What a source holds, decided from metadata alone."""
 
@@ -100,6 +117,10 @@ class SourceIndex:
     total_bytes: int
     entries: list[Entry] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: things the reader found that a user would miss (state it cannot convert); they become plan warnings
+    warnings: list[str] = field(default_factory=list)
+    #: physical tensors that logical entries are assembled from (empty for most formats)
+    stored: list[StoredEntry] = field(default_factory=list)
     #: files of the checkpoint directory that are not converted: ``{"file", "reason"}`` each
     not_converted: list[dict[str, str]] = field(default_factory=list)
 

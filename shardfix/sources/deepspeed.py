@@ -34,7 +34,7 @@ import torch
 from shardfix.dtypes import st_name
 from shardfix.errors import BadInputError
 from shardfix.io.preads import fill
-from shardfix.sources.base import ByteRange, ObjectEntry, PathPart, SourceIndex, TensorEntry, join_key
+from shardfix.sources.base import ByteRange, ObjectEntry, PathPart, SourceIndex, StoredEntry, TensorEntry, join_key
 from shardfix.sources.deepspeed_build import build_logical
 from shardfix.sources.deepspeed_pickle import Inert, Stored, load_tree, plain
 from shardfix.sources.fastrecord import byte_view
@@ -147,6 +147,8 @@ class DeepSpeedSource:
         self.index = SourceIndex(path, NAME, files, sum(p.stat().st_size for p in files), entries,
                                  [f"DeepSpeed ZeRO-{self.stage}, world size {self.world_size}; model = fp32 masters "
                                   "from the optimizer partitions"])
+        self.index.stored = [StoredEntry(c.key, c.dtype, c.shape, list(c.feeds), c.padding, c.note)
+                             for c in self.containers if c.shape is not None and c.dtype is not None]
 
     # -- files -------------------------------------------------------------------------------
 

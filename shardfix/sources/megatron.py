@@ -142,7 +142,7 @@ class MegatronSource:
         notes = list(inner.notes) + ([DP_RESHARDABLE_NOTE] if buffers else [])
         self.index = SourceIndex(path=path, format=NAME, files=[*inner.files, path / "common.pt", path / "metadata.json"],
                                  total_bytes=inner.total_bytes + (path / "common.pt").stat().st_size, entries=entries,
-                                 notes=notes)
+                                 notes=notes, warnings=[DP_RESHARDABLE_NOTE] if buffers else [])
         self._tensors = {e.key for e in entries if isinstance(e, TensorEntry)}
 
     def _check_common(self, common: Any, buffers: int) -> None:

@@ -97,7 +97,15 @@ def test_cli_convert_bit_exact(ds_ckpts: dict[str, Path], variant: str, tmp_path
     assert report["source"]["format"] == "deepspeed"
     src = open_source(root)
     try:
-        assert {e["source"] for e in report["ledger"]} >= {e.key for e in src.index.entries}
+        sources = {e["source"] for e in report["ledger"]}
+        assert sources >= {e.key for e in src.index.entries}
+        # every physical entry of every rank file: tensors as stored entries, other values as index entries
+        assert sources >= {c.key for c in src.containers if c.shape is not None or c.key in src.index.by_key()}
+        assert all(c.feeds or c.note or c.shape is None for c in src.containers)
+        by_source = {e["source"]: e for e in report["ledger"]}
+        partitions = [by_source[s.key] for s in src.index.stored if s.feeds]
+        assert partitions and all(e["outputs"] for e in partitions if e["fate"] != "dropped")
+        assert any(a["action"] == "unpad" for e in partitions for a in e["actions"]) or variant == "zero1"
     finally:
         src.close()
 

@@ -131,6 +131,7 @@ def test_megatron_convert(case: str, megatron_ckpts: dict[str, Path], tmp_path: 
         assert optim == {}
     if case == "tp2dp2-dp":
         assert any("dp_reshardable" in n and "fully_reshardable" in n for n in report["source"]["notes"])
+        assert any("dp_reshardable" in w and "fully_reshardable" in w for w in report["warnings"])  # loud, not only a note
     ledger = {e["source"]: e for e in report["ledger"]}
     assert set(ledger) == _source_keys(ckpt)
     for key, e in ledger.items():
