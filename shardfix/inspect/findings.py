@@ -85,9 +85,9 @@ def vocab_findings(shapes: dict[str, tuple[int, ...]], dims: Dims, splitter: Spl
         out.update(likely=rows[small], why=f"{small} has {rows[small]} rows while " + ", ".join(
             f"{n} has {r}" for n, r in rows.items() if r != rows[small]) + " (padded past the true vocab)")
         return out
-    cfg_vocab = splitter.config.vocab if splitter.config is not None else None
-    if cfg_vocab:
-        out.update(likely=cfg_vocab, why=f"{splitter.config.origin} vocab_size")
+    config = splitter.config
+    if config is not None and config.vocab:
+        out.update(likely=config.vocab, why=f"{config.origin} vocab_size")
         return out
     for v, what in KNOWN_VOCABS.items():
         if v < padded and padded in (find_multiple(v, 128), find_multiple(v, 64)):

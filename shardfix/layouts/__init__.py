@@ -60,7 +60,8 @@ def detect_checkpoint(path: str | Path) -> str:
     name = detect_layout(p) or detect_format(p)
     if name is not None:
         return name
-    kinds = "; ".join(f"{f.name}: {f.describe}" for f in [*REGISTRY.values(), *FORMATS.values()])
+    described = [(f.name, f.describe) for f in REGISTRY.values()] + [(f.name, f.describe) for f in FORMATS.values()]
+    kinds = "; ".join(f"{name}: {what}" for name, what in described)
     found = sorted(c.name + ("/" if c.is_dir() else "") for c in p.iterdir())[:20] if p.is_dir() else []
     what = f"found {', '.join(found) or 'nothing'}; " if p.is_dir() else ""
     raise BadInputError(f"{p}: not a checkpoint shardfix can read ({what}shardfix reads {kinds})")

@@ -84,7 +84,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
         return memoryview(b"")
     if flat.stride(0) != 1:  # a 1-element view counts as contiguous but may keep its parent's stride
         flat = flat.clone(memory_format=torch.contiguous_format)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return flat.view(torch.uint8).numpy().data.cast("B")
 
 
 def tensor_checksum(t: torch.Tensor) -> str:

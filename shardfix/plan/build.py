@@ -20,7 +20,17 @@ from shardfix.plan.companions import plan_companions
 from shardfix.plan.context import PlanContext
 from shardfix.plan.model import apply_profile, fix_shapes, model_outputs, name_model_tensors, split_fused, wanted_shapes
 from shardfix.plan.optimizer import mark_partial_rows, plan_optimizer
-from shardfix.plan.types import COMPANIONS, MODEL, OPTIMIZER, LedgerEntry, OutputFile, OutputTensor, Plan, pack_in_order
+from shardfix.plan.types import (
+    COMPANIONS,
+    MODEL,
+    OPTIMIZER,
+    EntryKind,
+    LedgerEntry,
+    OutputFile,
+    OutputTensor,
+    Plan,
+    pack_in_order,
+)
 from shardfix.reconcile.padding import looks_padded_vocab
 from shardfix.sources.base import ObjectEntry, SourceIndex, TensorEntry
 from shardfix.targets import Targets
@@ -51,8 +61,9 @@ def build_plan(
     record_the_rest(ctx)
     stored = record_stored(ctx)
     comp_out, comp_ledger = plan_companions(companions, ctx) if companions is not None else ([], [])
-    files = (assign_files(model_out, MODEL, opts.max_shard_size) + assign_files(optim.out, OPTIMIZER, opts.max_shard_size)
-             + assign_files(comp_out, COMPANIONS, opts.max_shard_size))
+    budget = int(opts.max_shard_size)  # parsed to bytes by ConvertOptions
+    files = (assign_files(model_out, MODEL, budget) + assign_files(optim.out, OPTIMIZER, budget)
+             + assign_files(comp_out, COMPANIONS, budget))
     mark_partial_rows(files, optim.partial)
     _vocab_hint(ctx)
     return Plan(
@@ -73,7 +84,7 @@ def record_the_rest(ctx: PlanContext) -> None:
     for e in ctx.index.entries:
         if e.key in ctx.ledger:
             continue
-        kind = "tensor" if isinstance(e, TensorEntry) else "object"
+        kind: EntryKind = "tensor" if isinstance(e, TensorEntry) else "object"
         extra: dict[str, Any] = {"dtype": e.dtype, "shape": list(e.shape)} if isinstance(e, TensorEntry) else {}
         if ctx.roles[e.key].kind == "meta":
             reason = "training metadata outside the model and optimizer state"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from shardfix.plan.context import PlanContext
-from shardfix.plan.types import COMPANIONS, LedgerEntry, OutputTensor
+from shardfix.plan.types import COMPANIONS, LedgerEntry, OutputTensor, fate_of
 from shardfix.reconcile import ops as O
 from shardfix.reconcile.keys import classify, is_flat_model, strip_wrappers
 from shardfix.sources.base import SourceIndex, TensorEntry
@@ -52,8 +52,8 @@ def plan_companions(comp: SourceIndex, ctx: PlanContext) -> tuple[list[OutputTen
             names.append(part_name)
             changed = changed or bool(ops_)
             actions += [{**a, "rule": a.get("rule", "") + " (follows its parameter)"} for a in part_actions]
-        fate = "split" if len(names) > 1 else "reconciled" if changed else "written"
-        ledger.append(LedgerEntry(e.key, fate, names, actions, dtype=e.dtype, shape=list(e.shape), origin=COMPANIONS))
+        ledger.append(LedgerEntry(e.key, fate_of(len(names), changed), names, actions, dtype=e.dtype, shape=list(e.shape),
+                                  origin=COMPANIONS))
     if skipped:
         ctx.warnings.append(f"--companions: skipped {len(skipped)} side tensor(s) that do not fit the checkpoint: "
                             + ", ".join(skipped[:20]) + (" ..." if len(skipped) > 20 else ""))

@@ -33,7 +33,8 @@ MAX_VECTOR = 1 << 16
 def _ranges(rows: list[int], limit: int = 12) -> str:
     """``[1, 2, 3, 7]`` -> ``"1-3, 7"`` (capped)."""
     out: list[str] = []
-    start = prev = None
+    start: int | None = None
+    prev = -2
     for r in rows:
         if start is None:
             start = prev = r
@@ -82,7 +83,7 @@ def _rows_with_nonzero(source: Source, key: str) -> torch.Tensor:
         for first in range(0, r.nbytes // row_bytes, per):
             n = min(per, r.nbytes // row_bytes - first)
             view = buf[: n * row_bytes]
-            fill(r.fd, r.offset + first * row_bytes, memoryview(view.numpy()), r.origin, key)
+            fill(r.fd, r.offset + first * row_bytes, view.numpy().data, r.origin, key)
             out[done : done + n] = (view.view(dtype).reshape(n, -1) != 0).any(dim=1)
             done += n
     return out

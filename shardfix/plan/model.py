@@ -12,7 +12,7 @@ from typing import Any
 from shardfix.dtypes import CAST_CHOICES, FLOAT_NAMES
 from shardfix.inspect.profiles import splitter_for
 from shardfix.plan.context import PlanContext
-from shardfix.plan.types import LedgerEntry, ModelTensor, OutputTensor
+from shardfix.plan.types import LedgerEntry, ModelTensor, OutputTensor, fate_of
 from shardfix.reconcile import ops as O
 from shardfix.reconcile.fused import Drop, check_outputs, source_targets, split_parts
 from shardfix.reconcile.keys import strip_wrappers
@@ -190,6 +190,5 @@ def model_outputs(ctx: PlanContext) -> list[OutputTensor]:
             out.append(OutputTensor(out_name, e.key, dtype, list(O.out_shape(e.shape, ops_)), ops_))
             names.append(out_name)
         reshaped = bool(t.fix.ops) or any(p.ops for p in t.parts)
-        fate = "split" if len(names) > 1 else "reconciled" if reshaped else "written"
-        ctx.record(LedgerEntry(e.key, fate, names, actions, dtype=e.dtype, shape=list(e.shape)))
+        ctx.record(LedgerEntry(e.key, fate_of(len(names), reshaped), names, actions, dtype=e.dtype, shape=list(e.shape)))
     return out

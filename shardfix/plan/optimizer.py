@@ -16,7 +16,7 @@ from typing import Any
 from shardfix.options import ConvertOptions
 from shardfix.outputs.hf import PARAM_GROUPS_NAME
 from shardfix.plan.context import PlanContext
-from shardfix.plan.types import PARTIAL_ROWS_KEY, LedgerEntry, ModelTensor, OutputFile, OutputTensor
+from shardfix.plan.types import PARTIAL_ROWS_KEY, LedgerEntry, ModelTensor, OutputFile, OutputTensor, fate_of
 from shardfix.reconcile import ops as O
 from shardfix.reconcile.keys import strip_wrappers
 from shardfix.reconcile.optimizer import (
@@ -279,6 +279,7 @@ class _OptimPlan:
                 self._drop(e, f"non-tensor optimizer state ({e.type_name})")
             return
         shape = tuple(e.shape)
+        outs: list[tuple[str, list[dict[str, Any]], list[dict[str, Any]]]]
         if cut:
             outs = [(pname, [] if _scalar_state(e, sname) else cut[0], [])]
         elif _scalar_state(e, sname):
@@ -295,8 +296,7 @@ class _OptimPlan:
             names.append(o_name)
             changed = changed or bool(ops_)
             actions += [{**a, "rule": a.get("rule", "") + " (follows its parameter)"} for a in part_actions]
-        fate = "split" if len(names) > 1 else "reconciled" if changed else "written"
-        self.ledger[e.key] = LedgerEntry(e.key, fate, names, actions, dtype=e.dtype, shape=list(shape))
+        self.ledger[e.key] = LedgerEntry(e.key, fate_of(len(names), changed), names, actions, dtype=e.dtype, shape=list(shape))
 
     def _claim(self, e: TensorEntry | ObjectEntry, name: str) -> bool:
         """Reserve an output name; a second source for the same name is dropped with a reason."""

@@ -10,7 +10,7 @@ import hashlib
 import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from shardfix.dtypes import itemsize, numel
 from shardfix.io.units import format_bytes
@@ -19,7 +19,13 @@ from shardfix.reconcile.fused import Part
 from shardfix.reconcile.padding import ShapeFix
 from shardfix.sources.base import TensorEntry
 
-T = TypeVar("T")
+
+class _Sized(Protocol):
+    @property
+    def nbytes(self) -> int: ...
+
+
+T = TypeVar("T", bound=_Sized)
 
 SET_PREFIX = {MODEL: MODEL, OPTIMIZER: OPTIMIZER, COMPANIONS: COMPANIONS}
 
@@ -56,6 +62,11 @@ class OutputFile:
         """A hash of everything that determines this file's bytes (used by ``--resume``)."""
         doc = json.dumps(asdict(self), sort_keys=True, default=str)
         return hashlib.sha256(doc.encode()).hexdigest()[:32]
+
+
+def fate_of(outputs: int, reshaped: bool) -> Fate:
+    """``split`` for several outputs, ``reconciled`` when the shape changed, else ``written``."""
+    return "split" if outputs > 1 else "reconciled" if reshaped else "written"
 
 
 #: What became of a source entry: copied (maybe renamed or cast), reshaped, cut into several

@@ -228,9 +228,10 @@ def _hf_qkv(shape: tuple[int, ...], dims: Dims, n: int) -> Cut | str:
     """``qkv_proj`` ``[(heads + 2 kv_heads) * head_dim, hidden]`` -> q, k, v (grouped-query aware)."""
     if len(shape) != 2:
         return f"expected [(heads + 2 * kv_heads) * head_dim, hidden], got {list(shape)}"
-    H, KV, hd = dims.heads, dims.kv_heads or dims.heads, dims.head_dim
+    H, hd = dims.heads, dims.head_dim
     if H is None or hd is None:
         return "needs num_attention_heads, num_key_value_heads and head_dim to cut q, k, v; pass --target-config"
+    KV = dims.kv_heads or H
     if (H + 2 * KV) * hd != shape[0]:
         return f"({H} + 2 x {KV}) heads x {hd} = {(H + 2 * KV) * hd} rows expected, got {shape[0]}"
     q, kv = H * hd, KV * hd

@@ -266,6 +266,7 @@ class DcpSource:
             if t is None:
                 raw = self._read(chunk, entry.key)
                 t = decode_record(raw, chunk.transforms, origin, entry.key)
+        assert t is not None  # every branch above reads the chunk or raises
         if t.dtype != dtype or tuple(t.shape) != chunk.sizes:
             raise IncompleteSourceError(
                 f"{origin}: record for {entry.key} at {list(chunk.offsets)} holds "
@@ -293,7 +294,7 @@ class DcpSource:
                 f"{entry.dtype} {list(chunk.sizes)}"
             )
         out = torch.empty(chunk.sizes, dtype=torch_dtype(entry.dtype))
-        dest = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        dest = out.reshape(-1).view(torch.uint8).numpy().data
         fill(self._fd(chunk.file or ""), header.data_start + info.start, dest, origin, entry.key)
         return out
 
@@ -339,7 +340,7 @@ class DcpSource:
                 continue
             layout = self._layout(chunk)
             run = layout.contiguous_range() if layout is not None else None
-            if run is None or layout.dtype != dtype or layout.shape != chunk.sizes:
+            if layout is None or run is None or layout.dtype != dtype or layout.shape != chunk.sizes:
                 return None
             check = None
             if layout.crc32:  # the reader checks the storage member's CRC-32 as it streams it

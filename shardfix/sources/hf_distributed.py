@@ -23,8 +23,8 @@ import torch
 from shardfix.dtypes import torch_dtype
 from shardfix.errors import BadInputError, IncompleteSourceError
 from shardfix.io.preads import fill
-from shardfix.sources.base import ByteRange, Chunk, SourceIndex, TensorEntry
-from shardfix.sources.safetensors_src import read_header
+from shardfix.io.st_header import Header, read_header
+from shardfix.sources.base import ByteRange, Chunk, ObjectEntry, SourceIndex, TensorEntry
 from shardfix.sources.tiling import check_tiling
 
 NAME = "hf-distributed"
@@ -55,8 +55,8 @@ def open(path: Path, trust_pickle: bool = False) -> HfDistributedSource:  # noqa
     return HfDistributedSource(path)
 
 
-def _sharding_info(file: Path, header: dict[str, Any]) -> dict[str, Any]:
-    raw = (header.get("__metadata__") or {}).get(SHARDING_KEY)
+def _sharding_info(file: Path, header: Header) -> dict[str, Any]:
+    raw = (header.metadata or {}).get(SHARDING_KEY)
     if raw is None:
         raise BadInputError(f"{file}: a shard-*.safetensors file without {SHARDING_KEY} in its metadata; it was not "
                             "written by HuggingFaceStorageWriter(save_distributed=True) -- pass a directory of such shards")
@@ -99,19 +99,15 @@ class HfDistributedSource:
         for _, f in files:
             header = read_header(f)
             info = _sharding_info(f, header)
-            base = header["__data_start__"]
-            for name, meta in header.items():
-                if name.startswith("__"):
-                    continue
-                sizes = tuple(int(s) for s in meta["shape"])
+            for name, meta in header.tensors.items():
+                sizes = meta.shape
                 offs = _offsets(f, name, info, len(sizes))
-                start, end = meta["data_offsets"]
-                if name in dtypes and dtypes[name][0] != meta["dtype"]:
+                if name in dtypes and dtypes[name][0] != meta.dtype:
                     raise IncompleteSourceError(f"{path}: {name} is {dtypes[name][0]} in {dtypes[name][1].name} but "
-                                                f"{meta['dtype']} in {f.name}; the shards come from different saves")
-                dtypes.setdefault(name, (meta["dtype"], f))
-                boxes.setdefault(name, []).append(Chunk(offs, sizes, f.name, base + start, end - start))
-        entries = []
+                                                f"{meta.dtype} in {f.name}; the shards come from different saves")
+                dtypes.setdefault(name, (meta.dtype, f))
+                boxes.setdefault(name, []).append(Chunk(offs, sizes, f.name, header.data_start + meta.start, meta.nbytes))
+        entries: list[TensorEntry | ObjectEntry] = []
         for name, chunks in boxes.items():
             shape = tuple(max(c.offsets[d] + c.sizes[d] for c in chunks) for d in range(len(chunks[0].sizes)))
             check_tiling(name, shape, chunks)
@@ -120,7 +116,7 @@ class HfDistributedSource:
         note = (f"{len(ranks)} ranks' shards placed by their saved offsets; the format records no global shape, so a "
                 "tensor's shape is where its last rank's rows end")
         self.index = SourceIndex(path, NAME, paths, sum(p.stat().st_size for p in paths), entries, [note])
-        self._entries = {e.key: e for e in entries}
+        self._entries = {e.key: e for e in entries if isinstance(e, TensorEntry)}
         self._fds: dict[str, int] = {}
 
     def _fd(self, rel: str) -> int:
@@ -149,7 +145,7 @@ class HfDistributedSource:
             for dim, (o, s) in enumerate(zip(c.offsets, c.sizes, strict=True)):
                 view = view.narrow(dim, o, s)
             part = view if view.is_contiguous() else torch.empty(c.sizes, dtype=dtype)
-            dest = memoryview(part.reshape(-1).view(torch.uint8).numpy())
+            dest = part.reshape(-1).view(torch.uint8).numpy().data
             if len(dest) != c.length:
                 raise IncompleteSourceError(f"{self.path / (c.file or '')}: {key} holds {c.length} bytes, its box "
                                             f"{list(c.sizes)} needs {len(dest)}; the file is corrupt")

@@ -171,7 +171,7 @@ class TorchRanksSource:
         entry = self._entry(key)
         parts = []
         for c in entry.chunks:
-            r = self._rank_of[c.file]
+            r = self._rank_of[c.file or ""]
             value = _lookup(self._objs[r], entry.path)
             if not isinstance(value, torch.Tensor):
                 raise BadInputError(f"{self.files[r]}: {key!r} is not a tensor")

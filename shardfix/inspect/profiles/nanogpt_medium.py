@@ -43,7 +43,7 @@ def detect(index: SourceIndex) -> Evidence:
     transposed = head is not None and ev.dims.dim is not None and head[0] == ev.dims.dim and head[1] != head[0]
     ev.variant = "medium-head-t" if transposed else "medium"
     ev.describe = "qkvo_w + mlp.fc_w / mlp.proj_w + " + (
-        f"lm_head_w stored transposed [dim, vocab] = {list(head)}" if transposed else
+        f"lm_head_w stored transposed [dim, vocab] = {list(head or ())}" if transposed else
         f"lm_head_w [vocab, dim] = {list(head)}" if head is not None else "no lm_head_w")
     ev.reasons += prefix_reason(index)
     mlp_hidden(ev, shapes, r"blocks\.\d+\.mlp\.fc_w")
