@@ -214,7 +214,8 @@ def test_disk_full_while_finishing_never_looks_complete(tmp_path: Path, capsys: 
         peak = -(-(out / REPORT_NAME).stat().st_size // page) + len(list(out.glob("*.safetensors"))) + 4
         shutil.rmtree(out)
         seen = set()
-        for extra in sorted({-2, 0, *range(1, peak, max(1, peak // 7)), peak, peak + 4}):  # free pages around what the finished output needs
+        # free pages from too few for the staged files to enough for everything finishing needs
+        for extra in sorted({-2, 0, *range(1, peak, max(1, peak // 7)), peak, peak + 4}):
             filler = mnt / "filler"
             st = os.statvfs(mnt)
             free = st.f_bavail * st.f_frsize
