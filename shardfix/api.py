@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
-from shardfix.errors import ShardfixError
-from shardfix.execute import Faults, check_device, execute, prepare_output
+from shardfix.errors import ShardfixError, StrictError
+from shardfix.execute import Faults, check_device, check_ray_address, execute
+from shardfix.execute.session import OutputSession, open_output
 from shardfix.layouts import open_checkpoint
 from shardfix.options import ConvertOptions
-from shardfix.outputs import REPORT_NAME
-from shardfix.outputs.writer import write_json_atomic
+from shardfix.outputs import REPORT_NAME, get_layout
 from shardfix.plan import Plan, build_plan
+from shardfix.plan.identity import stamp_source_identity
 from shardfix.report import build_report
 from shardfix.sources.base import Source, SourceIndex
 from shardfix.targets.files import merge_targets
@@ -85,13 +87,36 @@ def inspect_source(src: str | Path, opts: ConvertOptions | None = None, *, profi
     return info
 
 
+def _planned_names(plan: Plan) -> set[str]:
+    """Every name this run may place in OUT: data files, index files, the layout's sidecars, the report."""
+    layout = get_layout()
+    names = {f.name for f in plan.files} | set(layout.sidecar_names()) | {REPORT_NAME}
+    return names | {layout.index_name(s) for s in {f.set for f in plan.files}}
+
+
+def _open_out(plan: Plan, src: str | Path, out: Path, opts: ConvertOptions) -> OutputSession:
+    files = [*plan.source["files"], *([plan.source["companions"]["path"]] if plan.source.get("companions") else [])]
+    session = open_output(out, src=Path(src), source_files=files, write_names=_planned_names(plan),
+                          overwrite=opts.overwrite, resume=opts.resume, keep_foreign=opts.keep_foreign)
+    if os.path.lexists(out / REPORT_NAME):
+        session.remove_owned(REPORT_NAME)  # an earlier run's report no longer describes OUT
+    return session
+
+
+def _strict_error(plan: Plan) -> StrictError:
+    n = len(plan.warnings)
+    first = plan.warnings[0] if plan.warnings else ""
+    return StrictError(f"--strict: {n} warning(s) treated as errors; nothing was written. First: {first}")
+
+
 def convert(src: str | Path, out: str | Path, opts: ConvertOptions | None = None, *,
             faults: Faults | None = None) -> dict[str, Any]:
     """Convert ``src`` into ``out``; return the report (also written to ``out``).
 
-    On failure a report with ``status: "failed"`` is written (if the directory is ours) and
-    the error is re-raised; model and optimizer files stay in the staging area, so the
-    directory never looks complete.
+    OUT is checked, locked and given a manifest first (:func:`shardfix.execute.session.open_output`).
+    On failure a report with ``status: "failed"`` is written and the error re-raised; data files
+    stay in the staging area, so the directory never looks complete. With ``--strict`` any warning
+    fails the run (exit 3) before data is written.
     """
     opts = opts or ConvertOptions()
     out = Path(out)
@@ -100,32 +125,41 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions | None = None
     try:
         plan = plan_conversion(src, opts, source=source)
         add_evidence(plan, source)
+        stamp_source_identity(plan, source.index)
     finally:
         source.close()
     t_plan = time.perf_counter() - t0
     check_device(opts)  # before OUT is created: no GPU here is a usage error, not a failed run
-    prepare_output(out, overwrite=opts.overwrite, resume=opts.resume)
-    (out / REPORT_NAME).unlink(missing_ok=True)
-    try:
-        outputs, executor, timings = execute(plan, out, opts, faults=faults)
-    except BaseException as e:
-        msg = str(e) if isinstance(e, ShardfixError) else f"{type(e).__name__}: {e}"
-        if isinstance(e, KeyboardInterrupt):
-            msg = "interrupted (Ctrl-C); rerun with --resume to finish"
+    check_ray_address(opts)  # likewise a cluster that refuses us
+    with _open_out(plan, src, out, opts) as session:
         try:
-            timings = {"plan": round(t_plan, 4), "total": round(time.perf_counter() - t0, 4)}
-            report = build_report(plan, [], status="failed", timings=timings, executor={}, error=msg)
-            if not isinstance(e, ShardfixError) and not isinstance(e, KeyboardInterrupt):
-                report["traceback"] = traceback.format_exc()
-            if out.is_dir():
-                write_json_atomic(out / REPORT_NAME, report)
-        except Exception:  # never mask the original error
-            log.debug("could not write the failure report", exc_info=True)
-        raise
-    timings = {"plan": round(t_plan, 4), **timings, "total": round(time.perf_counter() - t0, 4)}
-    report = build_report(plan, outputs, status="complete", timings=timings, executor=executor)
-    write_json_atomic(out / REPORT_NAME, report)
+            if opts.strict and plan.warnings:
+                raise _strict_error(plan)
+            outputs, executor, timings = execute(plan, out, opts, faults=faults)
+            timings = {"plan": round(t_plan, 4), **timings, "total": round(time.perf_counter() - t0, 4)}
+            report = build_report(plan, outputs, status="complete", timings=timings, executor=executor)
+            marker = {**report, "status": "incomplete",
+                      "error": "files are being moved into place; if this stays, the run was interrupted: rerun "
+                               "with --resume"}
+            session.publish(report, marker, {o["name"]: (o["bytes"], o["checksum"]) for o in outputs})
+        except BaseException as e:
+            _failure_report(session, plan, e, t0, t_plan)
+            raise
     return report
+
+
+def _failure_report(session: OutputSession, plan: Plan, e: BaseException, t0: float, t_plan: float) -> None:
+    msg = str(e) if isinstance(e, ShardfixError) else f"{type(e).__name__}: {e}"
+    if isinstance(e, KeyboardInterrupt):
+        msg = "interrupted (Ctrl-C); rerun with --resume to finish"
+    try:
+        timings = {"plan": round(t_plan, 4), "total": round(time.perf_counter() - t0, 4)}
+        report = build_report(plan, [], status="failed", timings=timings, executor={}, error=msg)
+        if not isinstance(e, (ShardfixError, KeyboardInterrupt)):
+            report["traceback"] = traceback.format_exc()
+        session.write_report(report)
+    except Exception:  # never mask the original error
+        log.debug("could not write the failure report", exc_info=True)
 
 
 __all__ = ["convert", "plan_conversion", "load_index", "add_evidence", "inspect_source"]

@@ -39,6 +39,12 @@ class OutputError(ShardfixError):
     """The output directory cannot be written as asked (exists, not ours, disk full)."""
 
 
+class StrictError(ShardfixError):
+    """``--strict``: the run produced warnings, each of which is treated as an error (exit 3)."""
+
+    exit_code = 3
+
+
 class InternalError(ShardfixError):
     """A failure that is shardfix's fault or the machine's, not the user's input."""
 

@@ -159,7 +159,12 @@ class ConvertOptions:
     dtype: str = _opt("keep", "run", "str", "cast floating model tensors (optimizer state keeps its dtype)",
                       choices=DTYPES, plan=True)
     resume: bool = _opt(False, "run", "bool", "finish an interrupted conversion into OUT")
-    overwrite: bool = _opt(False, "run", "bool", "replace an existing shardfix output in OUT")
+    overwrite: bool = _opt(False, "run", "bool", "replace an existing shardfix output in OUT (only files its manifest "
+                           "proves shardfix wrote)")
+    keep_foreign: bool = _opt(False, "run", "bool", "leave files in OUT that shardfix did not write untouched and write "
+                              "beside them (one with the name of an output is still refused)")
+    strict: bool = _opt(False, "run", "bool", "treat every warning as an error: exit 3 after writing a report saying "
+                        "why", plan=True)
     verify: bool = _opt(True, "run", "bool", "skip re-reading each written file", flag="--no-verify", sets=False)
     progress: bool | None = _opt(None, "run", "bool", "force a progress bar", off_flag="--no-progress",
                                  off_help="no progress bar")

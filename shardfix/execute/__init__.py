@@ -3,9 +3,9 @@
 Executors (:data:`EXECUTORS`: ``inline``, ``ray``) implement :class:`~shardfix.execute.base.Executor`
 and call the same task body, :func:`~shardfix.execute.task.write_file_task`, with a typed
 :class:`~shardfix.execute.context.TaskContext`. Only when every file is staged does
-:func:`~shardfix.execute.outdir.finish` move them into place and write the index files and sidecars;
-the caller writes the report last -- so an interrupted run never looks complete, and ``--resume``
-reuses staged files whose checksums still match.
+:func:`~shardfix.execute.outdir.finish` write the index files and sidecars next to them; the caller
+then publishes everything with the report (:mod:`shardfix.execute.session`) -- so an interrupted run
+never looks complete, and ``--resume`` reuses staged files whose fingerprints and checksums still match.
 
 May import: ``plan`` (types), ``outputs`` (layout, writer), ``sources``, ``reconcile.ops``, ``io``.
 Adding an executor is one module defining ``NAME`` and ``EXECUTOR`` plus one line in :data:`EXECUTORS`.
@@ -23,7 +23,7 @@ from shardfix.execute import inline, ray
 from shardfix.execute.base import Executor, RunRequest
 from shardfix.execute.choose import choose_executor
 from shardfix.execute.context import CompanionsRef, Faults, TaskContext
-from shardfix.execute.outdir import finish, prepare_output, staged_result
+from shardfix.execute.outdir import finish, staged_result
 from shardfix.execute.progress import Progress
 from shardfix.execute.task import check_cuda_here, clip_ranges, drop_cached_sources, write_file_task
 from shardfix.options import ConvertOptions
@@ -31,7 +31,7 @@ from shardfix.outputs import STAGING, get_layout
 from shardfix.plan import OutputFile, Plan
 
 __all__ = ["EXECUTORS", "STAGING", "Faults", "Progress", "TaskContext", "check_device", "choose_executor",
-           "clip_ranges", "execute", "prepare_output", "write_file_task"]
+           "check_ray_address", "clip_ranges", "execute", "write_file_task"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,13 @@ EXECUTORS: dict[str, Executor] = {m.NAME: m.EXECUTOR for m in (inline, ray)}
 
 def effective_address(opts: ConvertOptions) -> str | None:
     return ray.resolve_address(opts.ray_address) if opts.executor != "inline" else None
+
+
+def check_ray_address(opts: ConvertOptions) -> None:
+    """Fail early (exit 2) when the Ray cluster to join refuses us (wrong or missing token), before OUT exists."""
+    address = effective_address(opts)
+    if address and opts.executor != "inline":
+        ray.probe_cluster(address)
 
 
 def check_device(opts: ConvertOptions) -> None:

@@ -1,54 +1,27 @@
-"""The output directory during a run: create or check it, reuse staged files (``--resume``), and
-finish it -- move staged files into place, then the layout's index files and sidecars. The report
-is written by the caller, last.
+"""The staging area during a run: reuse staged files (``--resume``) and finish it -- the layout's
+index files and sidecars are written into staging next to the data files. Moving them into OUT,
+the report last, is :meth:`shardfix.execute.session.OutputSession.publish`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from shardfix.errors import OutputError
-from shardfix.outputs import REPORT_NAME, SETS, STAGING, OutputLayout
+from shardfix.outputs import SETS, STAGING, OutputLayout
 from shardfix.outputs.layout import SetFiles, Sidecar
+from shardfix.outputs.manifest import Manifest
 from shardfix.outputs.writer import file_checksum
 from shardfix.plan import OutputFile, Plan
 
 
-def _is_ours(out: Path) -> bool:
-    names = {p.name for p in out.iterdir()}
-    return not names or REPORT_NAME in names or STAGING in names
-
-
-def prepare_output(out: Path, *, overwrite: bool, resume: bool) -> None:
-    """Create ``out`` or check it may be used; ``--overwrite`` clears a previous shardfix output."""
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: exists and is not a directory; pick another output path")
-    if out.is_dir() and any(out.iterdir()):
-        if resume:
-            return
-        if not overwrite:
-            raise OutputError(
-                f"{out}: already exists and is not empty; pass --overwrite to replace it or --resume to "
-                "finish an interrupted conversion"
-            )
-        if not _is_ours(out):
-            raise OutputError(
-                f"{out}: holds files shardfix did not write (no {REPORT_NAME}); refusing to delete them "
-                "with --overwrite -- pick an empty or new directory"
-            )
-        shutil.rmtree(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"{out}: cannot create ({e.strerror})") from e
-
-
 def staged_result(out: Path, of: OutputFile) -> dict[str, Any] | None:
-    """A staged file from an earlier run that still matches its plan and checksum, or None."""
+    """A staged file from an earlier run that still matches its fingerprint and checksum, or None.
+
+    A file already moved into OUT counts only when the manifest proves shardfix wrote it.
+    """
     staging = out / STAGING
     sidecar = staging / f"{of.name}.done.json"
     if not sidecar.is_file():
@@ -59,8 +32,10 @@ def staged_result(out: Path, of: OutputFile) -> dict[str, Any] | None:
         return None
     if done.get("fingerprint") != of.fingerprint():
         return None
-    for where in (staging / of.name, out / of.name):
-        if where.is_file() and file_checksum(where) == done.get("checksum"):
+    manifest = Manifest.load(out)
+    placed = manifest is not None and manifest.owns(of.name)
+    for where in (staging / of.name, *([out / of.name] if placed else [])):
+        if where.is_file() and not where.is_symlink() and file_checksum(where) == done.get("checksum"):
             if where.parent != staging:
                 os.replace(where, staging / of.name)
             return dict(done)
@@ -75,11 +50,13 @@ def _sidecars(plan: Plan, layout: OutputLayout) -> list[Sidecar]:
 
 
 def finish(out: Path, plan: Plan, results: dict[str, dict[str, Any]], layout: OutputLayout) -> list[dict[str, Any]]:
-    """Move staged files into place and write index files and sidecars (not the report)."""
+    """Write the layout's index files and sidecars into the staging area; return the outputs' records.
+
+    Nothing appears in ``out`` here: every file waits in staging until the report can follow it.
+    """
     staging = out / STAGING
     outputs = []
     for of in plan.files:
-        os.replace(staging / of.name, out / of.name)
         done = {k: v for k, v in results[of.name].items() if k != "fingerprint"}
         planned = {t.name: t for t in of.tensors}
         for t in done["tensors"]:
@@ -92,6 +69,5 @@ def finish(out: Path, plan: Plan, results: dict[str, dict[str, Any]], layout: Ou
         if fs:
             sets.append(SetFiles(kind, [f.name for f in fs], {t.name: f.name for f in fs for t in f.tensors},
                                  sum(t.nbytes for f in fs for t in f.tensors)))
-    layout.finish(out, sets, _sidecars(plan, layout))
-    shutil.rmtree(staging, ignore_errors=True)
+    layout.finish(staging, sets, _sidecars(plan, layout))
     return outputs

@@ -28,12 +28,14 @@ turns that off when shardfix is installed on every node.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -95,6 +97,29 @@ def ship_code_runtime_env() -> dict[str, Any] | None:
     return {"py_modules": [str(Path(__file__).resolve().parent)]}
 
 
+@contextlib.contextmanager
+def _neutral_cwd(where: str) -> Iterator[None]:
+    """Run ``ray.init`` from the empty directory ``where``.
+
+    Ray puts the driver's working directory on every worker's import path (``py_driver_sys_path``);
+    converting from inside a checkpoint directory holding, say, ``zstandard.py`` would make the
+    workers run it. From here the workers get only this empty directory; shardfix itself comes from
+    the installed package (or ``py_modules`` on a cluster), never from the working directory.
+    """
+    os.makedirs(where, mode=0o700, exist_ok=True)
+    before = os.getcwd()
+    os.chdir(where)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def probe_cluster(address: str) -> None:
+    """Join the cluster at ``address`` now (the run reuses the connection); exit 2 naming the cause if refused."""
+    RayRuntime(address, None, "cpu")
+
+
 class RayRuntime:
     """A connection to Ray for one run: joined or started, and torn down afterwards."""
 
@@ -102,6 +127,7 @@ class RayRuntime:
         self.address = address
         self.started = False
         self.temp_dir: str | None = None
+        self.cwd_dir: str | None = None
         import ray
 
         self.ray = ray
@@ -111,9 +137,11 @@ class RayRuntime:
             log.debug("using the Ray instance this process already joined")
             return
         if address:
+            self.cwd_dir = tempfile.mkdtemp(prefix="sfxcwd-")
             try:
-                ray.init(address=address, runtime_env=ship_code_runtime_env(), logging_level=logging.WARNING,
-                         log_to_driver=True)
+                with _neutral_cwd(self.cwd_dir):
+                    ray.init(address=address, runtime_env=ship_code_runtime_env(), logging_level=logging.WARNING,
+                             log_to_driver=True)
             except Exception as e:  # ConnectionError, RuntimeError, AuthenticationError, ...
                 hint = ""
                 if "auth" in str(e).lower() or type(e).__name__ == "AuthenticationError":
@@ -125,15 +153,16 @@ class RayRuntime:
         kw: dict[str, Any] = {}
         if device != "cuda":
             kw["num_gpus"] = 0
-        ray.init(
-            num_cpus=min(workers or usable_cpus(), usable_cpus()),  # never more CPUs than the machine has
-            include_dashboard=False,
-            _temp_dir=self.temp_dir,
-            _node_ip_address="127.0.0.1",
-            logging_level=logging.WARNING,
-            log_to_driver=True,
-            **kw,
-        )
+        with _neutral_cwd(os.path.join(self.temp_dir, "cwd")):
+            ray.init(
+                num_cpus=min(workers or usable_cpus(), usable_cpus()),  # never more CPUs than the machine has
+                include_dashboard=False,
+                _temp_dir=self.temp_dir,
+                _node_ip_address="127.0.0.1",
+                logging_level=logging.WARNING,
+                log_to_driver=True,
+                **kw,
+            )
         self.started = True
 
     def close(self, ok: bool) -> None:

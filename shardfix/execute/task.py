@@ -53,7 +53,8 @@ def drop_cached_sources() -> None:
 
 
 def file_from_dict(d: dict[str, Any]) -> OutputFile:
-    return OutputFile(d["name"], d["set"], [OutputTensor(**t) for t in d["tensors"]], d.get("metadata", {}))
+    return OutputFile(d["name"], d["set"], [OutputTensor(**t) for t in d["tensors"]], d.get("metadata", {}),
+                      d.get("source_identity", ""))
 
 
 def _inject_faults(faults: Faults | None, name: str) -> float:

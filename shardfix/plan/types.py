@@ -53,13 +53,15 @@ class OutputFile:
     set: str
     tensors: list[OutputTensor] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
+    #: the identity of the source bytes the tensors are read from (``shardfix.plan.identity``)
+    source_identity: str = ""
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
     def fingerprint(self) -> str:
-        """A hash of everything that determines this file's bytes (used by ``--resume``)."""
+        """A hash of everything that determines this file's bytes, the source's identity included (``--resume``)."""
         doc = json.dumps(asdict(self), sort_keys=True, default=str)
         return hashlib.sha256(doc.encode()).hexdigest()[:32]
 

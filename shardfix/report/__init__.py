@@ -64,7 +64,8 @@ def summarize(report: dict[str, Any]) -> str:
     src = report["source"]
     files = report["outputs"]["files"]
     lines = [
-        f"status: {report['status']}" + (f" ({report['error']})" if report.get("error") else ""),
+        f"status: {report['status']}, {len(report.get('warnings') or [])} warning(s)"
+        + (f" ({report['error']})" if report.get("error") else ""),
         f"source: {src['path']} ({src['format']}, {len(src['files'])} files, {src['bytes']:,} bytes)",
         f"ledger: {sum(report['ledger_summary'].values())} source entries: "
         + ", ".join(f"{n} {k}" for k, n in sorted(report["ledger_summary"].items())),

@@ -7,9 +7,10 @@ flipped byte is named by file and tensor. The ``*.safetensors.index.json`` files
 tensor to its file, the report's ledger must account for every output, and nothing else (a stray
 shard, a leftover staging area) may sit where a loader would pick it up.
 
-With ``--against SRC`` each tensor is also recomputed from the source by applying the ops the
-report recorded for it (``outputs.files[].tensors[].ops``) and compared bit for bit, and every
-source entry must appear in the ledger exactly once. Every problem is listed; none stops the
+With ``--against SRC`` the plan is rebuilt from SRC under the options the report records
+(:mod:`shardfix.verify.rebuild`) -- never from the report's own ops or source keys, which could have
+been edited -- and each tensor is recomputed through the rebuilt plan's ops and compared bit for bit;
+every planned tensor must be in OUT and every source entry in the ledger exactly once. Every problem is listed; none stops the
 check.
 """
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,8 @@ from shardfix.io.preads import fill_upto, pread_upto
 from shardfix.io.st_header import Header, build_header, read_header
 from shardfix.outputs.hf import PARAM_GROUPS_NAME
 from shardfix.outputs.layout import REPORT_NAME, STAGING
-from shardfix.outputs.writer import TensorSpec, tensor_bytes
+from shardfix.outputs.writer import TensorSpec
+from shardfix.verify.rebuild import Recompute
 
 _SETS = ("model", "optimizer", "companions")
 _BLOCK = 16 << 20
@@ -60,7 +61,7 @@ def verify_output(
     _check_ledger(report, files, problems)
     recompute = None
     if against is not None:
-        recompute = _Recompute(against, trust_pickle, report, problems)
+        recompute = Recompute(against, trust_pickle, report, problems)
     for f in files:
         _check_file(out, f, problems, stats, recompute)
     if recompute is not None:
@@ -306,65 +307,3 @@ def _loader_check(path: Path, problems: list[str]) -> None:
             h.keys()
     except Exception as e:  # SafetensorError and friends
         problems.append(f"{path}: the safetensors library refuses it ({type(e).__name__}: {e})")
-
-
-# -- recompute from the source --------------------------------------------------------------------
-
-
-class _Recompute:
-    """Recompute each output tensor from the source with its recorded ops and compare bytes."""
-
-    def __init__(self, against: str | Path, trust_pickle: bool, report: dict[str, Any], problems: list[str]) -> None:
-        from shardfix.layouts import open_checkpoint
-
-        self.src = open_checkpoint(against, trust_pickle=trust_pickle)
-        self.problems = problems
-        self.compared = 0
-        self._key: str | None = None
-        self._value: Any = None
-        keys = Counter(e.get("source") for e in report.get("ledger") or [])
-        for e in self.src.index.entries:
-            n = keys.pop(e.key, 0)
-            if n != 1:
-                problems.append(f"ledger: source entry {e.key} appears {n} times (must be exactly once)")
-        for key in keys:
-            problems.append(f"ledger: names {key}, which {against} does not hold (is this the right source?)")
-
-    def compare(self, path: Path, t: dict[str, Any], data: bytearray) -> None:
-        import numpy as np
-
-        from shardfix.dtypes import torch_dtype
-        from shardfix.reconcile.ops import apply_ops
-
-        name, ops = t["name"], t.get("ops") or []
-        try:
-            if ops and ops[0]["op"] == "value":
-                base = None
-            else:
-                if t.get("source") != self._key:
-                    self._value = None
-                    self._value = self.src.read_tensor(t["source"])
-                    self._key = t["source"]
-                base = self._value
-            expect = apply_ops(base, ops).contiguous()
-        except Exception as e:  # a damaged source or a malformed op: report it, keep checking
-            self.problems.append(f"{path}: tensor {name}: cannot recompute it from {t.get('source')} "
-                                 f"({type(e).__name__}: {e})")
-            return
-        self.compared += 1
-        if expect.dtype != torch_dtype(t["dtype"]) or list(expect.shape) != t["shape"]:
-            self.problems.append(f"{path}: tensor {name}: recomputing it from {t['source']} gives "
-                                 f"{expect.dtype} {list(expect.shape)}, the file holds {t['dtype']} {t['shape']}")
-            return
-        want = tensor_bytes(expect)
-        if want != memoryview(data):
-            a = np.frombuffer(want, dtype=np.uint8)
-            b = np.frombuffer(data, dtype=np.uint8)
-            diff = np.flatnonzero(a != b) if len(a) == len(b) else np.arange(min(len(a), len(b)))
-            first = int(diff[0]) // max(expect.element_size(), 1) if len(diff) else 0
-            self.problems.append(f"{path}: tensor {name}: differs from {t['source']} in the source after the "
-                                 f"recorded ops ({len(diff)} bytes differ; first at element {first})")
-
-    def close(self) -> None:
-        self._value = None
-        self.src.close()

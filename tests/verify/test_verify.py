@@ -82,7 +82,7 @@ def test_against_names_the_element(out: Path, fsdp_ckpt: Path) -> None:
     path, name, start, end = next(r for r in tensors(out) if r[1] == "lm_head.weight")
     flip(path, start + 4 * 37 + 2, 0x10)  # F32: element 37
     problems, _ = verify_output(out, fsdp_ckpt)
-    assert f"{path}: tensor lm_head.weight: differs from model.lm_head.weight in the source after the recorded ops " \
+    assert f"{path}: tensor lm_head.weight: differs from model.lm_head.weight in the source after the planned ops " \
            "(1 bytes differ; first at element 37)" in problems
 
 
@@ -99,7 +99,7 @@ def test_against_catches_a_wrong_output_with_a_matching_report(out: Path, fsdp_c
     assert verify_output(out)[0] == []
     problems, _ = verify_output(out, fsdp_ckpt)
     assert problems == [f"{path}: tensor embed.weight: differs from model.embed.weight in the source after the "
-                        "recorded ops (1 bytes differ; first at element 2)"]
+                        "planned ops (1 bytes differ; first at element 2)"]
 
 
 def test_header_damage_still_checks_tensors(out: Path) -> None:
