@@ -15,6 +15,7 @@ from shardfix.options import ConvertOptions
 from shardfix.outputs import REPORT_NAME
 from shardfix.outputs.writer import write_json_atomic
 from shardfix.plan import Plan, build_plan
+from shardfix.plan.hf_dir import hf_directory
 from shardfix.report import build_report
 from shardfix.sources.base import Source, SourceIndex
 from shardfix.targets.files import merge_targets
@@ -100,6 +101,7 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions | None = None
     try:
         plan = plan_conversion(src, opts, source=source)
         add_evidence(plan, source)
+        hf_directory(plan, source, opts)
     finally:
         source.close()
     t_plan = time.perf_counter() - t0

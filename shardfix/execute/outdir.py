@@ -1,6 +1,7 @@
 """The output directory during a run: create or check it, reuse staged files (``--resume``), and
-finish it -- move staged files into place, then the layout's index files and sidecars. The report
-is written by the caller, last.
+finish it -- stage the sidecars (only now: every data file is done), refuse to replace a file
+shardfix did not write, move staged data files into place, then the layout's index files and
+sidecars. The report is written by the caller, last.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from shardfix.errors import OutputError
 from shardfix.outputs import REPORT_NAME, SETS, STAGING, OutputLayout
 from shardfix.outputs.layout import SetFiles, Sidecar
+from shardfix.outputs.sidecars import check_placeable, stage
 from shardfix.outputs.writer import file_checksum
 from shardfix.plan import OutputFile, Plan
 
@@ -68,17 +70,25 @@ def staged_result(out: Path, of: OutputFile) -> dict[str, Any] | None:
 
 
 def _sidecars(plan: Plan, layout: OutputLayout) -> list[Sidecar]:
-    if plan.param_groups is None or not plan.files_of("optimizer"):
-        return []
+    """The plan's sidecars (model directory files), plus the optimizer's param groups when it has state."""
+    out = [s for s in plan.sidecars if not s.name.startswith("optimizer")]
     make = getattr(layout, "param_groups_sidecar", None)
-    return [make(plan.param_groups)] if make is not None else []
+    if plan.param_groups is not None and plan.files_of("optimizer") and make is not None:
+        out.append(make(plan.param_groups))
+    plan.sidecars[:] = out  # the report lists them, with the checksums staging records
+    return out
 
 
 def finish(out: Path, plan: Plan, results: dict[str, dict[str, Any]], layout: OutputLayout) -> list[dict[str, Any]]:
     """Move staged files into place and write index files and sidecars (not the report)."""
     staging = out / STAGING
+    sidecars = _sidecars(plan, layout)
+    for side in sidecars:
+        stage(staging, side)
+    check_placeable(out, sidecars)
     outputs = []
     for of in plan.files:
+        (out / of.name).parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging / of.name, out / of.name)
         done = {k: v for k, v in results[of.name].items() if k != "fingerprint"}
         planned = {t.name: t for t in of.tensors}
@@ -92,6 +102,6 @@ def finish(out: Path, plan: Plan, results: dict[str, dict[str, Any]], layout: Ou
         if fs:
             sets.append(SetFiles(kind, [f.name for f in fs], {t.name: f.name for f in fs for t in f.tensors},
                                  sum(t.nbytes for f in fs for t in f.tensors)))
-    layout.finish(out, sets, _sidecars(plan, layout))
+    layout.finish(out, sets, sidecars)
     shutil.rmtree(staging, ignore_errors=True)
     return outputs
