@@ -27,8 +27,9 @@ class HFSafetensorsLayout:
 
     def file_names(self, set_name: str, count: int) -> list[str]:
         if set_name == ADAPTER:
-            return [ADAPTER_WEIGHTS] if count == 1 else [f"{ADAPTER_DIR}/adapter_model-{i + 1:05d}-of-{count:05d}.safetensors"
-                                                          for i in range(count)]
+            if count != 1:
+                raise ValueError(f"the adapter is written as one file (PEFT reads no index), not {count}")
+            return [ADAPTER_WEIGHTS]
         if count == 1:
             return [f"{set_name}.safetensors"]
         return [f"{set_name}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
