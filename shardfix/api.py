@@ -16,6 +16,7 @@ from shardfix.layouts import open_checkpoint
 from shardfix.options import ConvertOptions
 from shardfix.outputs import REPORT_NAME, get_layout
 from shardfix.plan import Plan, build_plan
+from shardfix.plan.hf_dir import hf_directory
 from shardfix.plan.identity import stamp_source_identity
 from shardfix.report import build_report
 from shardfix.sources.base import Source, SourceIndex
@@ -125,6 +126,7 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions | None = None
     try:
         plan = plan_conversion(src, opts, source=source)
         add_evidence(plan, source)
+        hf_directory(plan, source, opts)
         stamp_source_identity(plan, source.index)
     finally:
         source.close()

@@ -129,9 +129,13 @@ class ConvertOptions:
 
     # reconcile
     vocab_size: int | None = _opt(None, "reconcile", "int", "true vocab size: trim padded vocab rows to it")
-    tokenizer: str | None = _opt(None, "reconcile", "str", "tokenizer.json or SentencePiece .model giving the vocab size",
-                                 path=True)
-    target_config: str | None = _opt(None, "reconcile", "str", "Hugging Face config.json of the target model", path=True)
+    tokenizer: str | None = _opt(None, "reconcile", "str", "tokenizer directory (or its tokenizer.json / SentencePiece "
+                                 ".model): gives the vocab size; its tokenizer files are copied into OUT", path=True)
+    target_config: str | None = _opt(None, "reconcile", "str", "Hugging Face config.json of the target model (default: "
+                                     "one in or beside the source); written to OUT with the reconciled vocab_size",
+                                     path=True)
+    adapter_config: str | None = _opt(None, "reconcile", "str", "PEFT adapter_config.json of a LoRA checkpoint (default: "
+                                      "one beside the source); copied to OUT/adapter/", path=True)
     target_shapes: str | None = _opt(None, "reconcile", "str",
                                      'JSON {"name": [dims]} of target shapes (names after prefix stripping)', path=True)
     target_model: str | None = _opt(None, "reconcile", "str", "module:callable building the target model (on the meta device)")

@@ -95,6 +95,8 @@ def execute(plan: Plan, out: Path, opts: ConvertOptions, *, faults: Faults | Non
     drop_cached_sources()  # a source opened by an earlier run in this process may have changed since
     staging = out / STAGING
     staging.mkdir(exist_ok=True)
+    for sub in {(staging / f.name).parent for f in plan.files}:  # files in subdirectories (adapter/)
+        sub.mkdir(parents=True, exist_ok=True)
     address = effective_address(opts)
     kind, why = choose_executor(plan, opts.executor, opts.workers, address)
     results, todo = _reuse(out, plan, opts.resume)

@@ -43,10 +43,14 @@ def staged_result(out: Path, of: OutputFile) -> dict[str, Any] | None:
 
 
 def _sidecars(plan: Plan, layout: OutputLayout) -> list[Sidecar]:
-    if plan.param_groups is None or not plan.files_of("optimizer"):
-        return []
+    """The plan's sidecars (model directory files), plus the optimizer's param groups when it has state."""
     make = getattr(layout, "param_groups_sidecar", None)
-    return [make(plan.param_groups)] if make is not None else []
+    groups = make(plan.param_groups) if plan.param_groups is not None and plan.files_of("optimizer") and make else None
+    out = [s for s in plan.sidecars if groups is None or s.name != groups.name]  # a resumed finish adds it once
+    if groups is not None:
+        out.append(groups)
+    plan.sidecars[:] = out  # the report lists them, with the checksums staging records
+    return out
 
 
 def finish(out: Path, plan: Plan, results: dict[str, dict[str, Any]], layout: OutputLayout) -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ from typing import Any
 
 from shardfix.errors import OutputError
 from shardfix.outputs import REPORT_NAME, STAGING
-from shardfix.outputs.manifest import LOCK_NAME, Manifest, split_owned
+from shardfix.outputs.manifest import LOCK_NAME, Manifest, entries, split_owned
 from shardfix.outputs.writer import file_checksum
 
 _SHOW = 10
@@ -156,8 +156,8 @@ class OutputSession:
             known: size and xxh3-128 of staged files already hashed while written (not re-read).
         """
         staging = self.out / STAGING
-        names = sorted(p.name for p in staging.iterdir()
-                       if not p.name.endswith(".done.json") and ".tmp-" not in p.name and p.name != REPORT_NAME)
+        names = [n for n in entries(staging, ())
+                 if not n.endswith(".done.json") and ".tmp-" not in n and n != REPORT_NAME]
         clash = [n for n in names if os.path.lexists(self.out / n) and not self.manifest.owns(n)]
         if clash:
             raise OutputError(f"{self.out}: file(s) {_names(clash)} are not shardfix's and would be replaced; "
@@ -173,6 +173,7 @@ class OutputSession:
         _write_atomic(staging / REPORT_NAME, final_bytes)
         stale, _ = split_owned(self.out, self.manifest)
         for n in names:
+            (self.out / n).parent.mkdir(parents=True, exist_ok=True)
             os.replace(staging / n, self.out / n)
         for n in stale:
             if n not in names and n != REPORT_NAME:  # an owned file this run does not produce (e.g. old shards)

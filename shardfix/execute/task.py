@@ -226,7 +226,7 @@ def write_file_task(ctx: TaskContext, file: dict[str, Any]) -> dict[str, Any]:
         # xxh3 mode: the file is re-read and re-hashed while the fsync runs (inside finish)
         written = writer.finish(verify=ctx.verify and mode == "xxh3")
     result = asdict(written)
-    result.update(set=of.set, fingerprint=of.fingerprint())
+    result.update(name=of.name, set=of.set, fingerprint=of.fingerprint())  # of.name may have a folder (adapter/)
     if ctx.verify and mode == "digest":
         try:
             verify_by_digest(staging / of.name, specs, of.metadata, fw.digests, device)

@@ -24,7 +24,9 @@ STAGING = ".shardfix-staging"
 MODEL = "model"
 OPTIMIZER = "optimizer"
 COMPANIONS = "companions"
-SETS = (MODEL, OPTIMIZER, COMPANIONS)
+#: a PEFT adapter's tensors, under PEFT's saved names (``adapter/adapter_model.safetensors``)
+ADAPTER = "adapter"
+SETS = (MODEL, OPTIMIZER, COMPANIONS, ADAPTER)
 #: safetensors metadata key of optimizer files: JSON ``{tensor name: row range}`` for partial slices.
 PARTIAL_ROWS_KEY = "shardfix.partial_rows"
 
@@ -41,12 +43,27 @@ class SetFiles:
 
 @dataclass(slots=True)
 class Sidecar:
-    """A small JSON file next to the data files, with the ledger-visible reason it exists."""
+    """A small file next to the data files: a JSON document (``content``) or a copy of a file (``copy_from``).
+
+    ``name`` is relative to the output directory (``config.json``, ``adapter/adapter_config.json``).
+    ``extra`` goes into the report's entry (``from``, ``changes`` ...). ``bytes`` and ``checksum``
+    (xxh3-128) are set when the sidecar is staged (:mod:`shardfix.outputs.sidecars`).
+    """
 
     name: str
-    content: dict[str, Any]
+    content: dict[str, Any] | None
     what: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    copy_from: str | None = None
+    bytes: int | None = None
+    checksum: str | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The report's entry for this sidecar."""
+        out: dict[str, Any] = {"name": self.name, "what": self.what, "bytes": self.bytes, "checksum": self.checksum}
+        if self.copy_from is not None:
+            out["copied_from"] = self.copy_from
+        return {**out, **self.extra}
 
 
 class OutputLayout(Protocol):
@@ -67,5 +84,6 @@ class OutputLayout(Protocol):
         ...
 
     def finish(self, out: Path, sets: list[SetFiles], sidecars: list[Sidecar]) -> list[str]:
-        """Write index files and sidecars into ``out`` (data files are already there); return their names."""
+        """Write index files into ``out`` and place the staged sidecars (data files are already there);
+        return their names."""
         ...

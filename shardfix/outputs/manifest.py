@@ -93,9 +93,18 @@ class Manifest:
         self.files.pop(name, None)
 
 
-def entries(out: Path) -> list[str]:
-    """Names in ``out`` other than shardfix's bookkeeping, sorted."""
-    return sorted(p.name for p in out.iterdir() if p.name not in INTERNAL_NAMES)
+def entries(out: Path, skip: tuple[str, ...] = INTERNAL_NAMES) -> list[str]:
+    """Files in ``out`` (relative POSIX paths, subdirectories such as ``adapter/`` included) other than
+    shardfix's bookkeeping, sorted. Symlinks count as entries and are never followed."""
+    found: list[str] = []
+    for root, dirs, files in os.walk(out):
+        rel = Path(root).relative_to(out)
+        if rel == Path("."):
+            dirs[:] = [d for d in dirs if d not in skip]
+            files = [f for f in files if f not in skip]
+        found += [(rel / d).as_posix() for d in dirs if os.path.islink(os.path.join(root, d))]
+        found += [(rel / f).as_posix() for f in files]
+    return sorted(found)
 
 
 def split_owned(out: Path, manifest: Manifest | None) -> tuple[list[str], list[str]]:

@@ -14,7 +14,7 @@ from typing import Any, Literal, Protocol, TypeVar
 
 from shardfix.dtypes import itemsize, numel
 from shardfix.io.units import format_bytes
-from shardfix.outputs.layout import COMPANIONS, MODEL, OPTIMIZER, PARTIAL_ROWS_KEY  # noqa: F401 - re-exported
+from shardfix.outputs.layout import ADAPTER, COMPANIONS, MODEL, OPTIMIZER, PARTIAL_ROWS_KEY, Sidecar  # noqa: F401
 from shardfix.reconcile.fused import Part
 from shardfix.reconcile.padding import ShapeFix
 from shardfix.sources.base import TensorEntry
@@ -107,6 +107,8 @@ class Plan:
     findings: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     param_groups: list[dict[str, Any]] | None = None
+    #: files beside the weights (config.json, tokenizer files, adapter config), staged and placed by the layout
+    sidecars: list[Sidecar] = field(default_factory=list)
 
     def files_of(self, kind: str) -> list[OutputFile]:
         return [f for f in self.files if f.set == kind]
@@ -122,6 +124,7 @@ class Plan:
             "findings": self.findings,
             "files": [asdict(f) for f in self.files],
             "param_groups": self.param_groups,
+            "sidecars": [{"name": s.name, "what": s.what, **s.extra} for s in self.sidecars],
             "ledger": [e.to_dict() for e in self.ledger],
             "warnings": self.warnings,
         }
@@ -135,11 +138,13 @@ class Plan:
             f"{format_bytes(self.source['bytes'])})",
             "ledger: " + ", ".join(f"{n} {k}" for k, n in sorted(fates.items())) + f" ({len(self.ledger)} entries)",
         ]
-        for kind in (MODEL, OPTIMIZER, COMPANIONS):
+        for kind in (MODEL, OPTIMIZER, COMPANIONS, ADAPTER):
             fs = self.files_of(kind)
             if fs:
                 n = sum(len(f.tensors) for f in fs)
                 lines.append(f"{kind}: {n} tensors in {len(fs)} file(s), {format_bytes(sum(f.nbytes for f in fs))}")
+        if self.sidecars:
+            lines.append("beside them: " + ", ".join(s.name for s in self.sidecars))
         changed = [e for e in self.ledger if e.fate in ("reconciled", "split")]
         for e in changed[:20]:
             acts = "; ".join(_action_text(a) for a in e.actions if a["action"] != "rename")

@@ -44,6 +44,8 @@ def build_report(
         "outputs": {
             "files": outputs,
             "param_groups": plan.param_groups,
+            # config.json, tokenizer files, adapter config ...: each with bytes and xxh3-128 (set once placed)
+            "sidecars": [side.record() for side in plan.sidecars if side.checksum is not None],
         },
         "warnings": [*plan.warnings, *(extra_warnings or [])],
         "timings": timings,
@@ -76,6 +78,12 @@ def summarize(report: dict[str, Any]) -> str:
     for kind, fs in by_set.items():
         n = sum(len(f["tensors"]) for f in fs)
         lines.append(f"{kind}: {n} tensors in {len(fs)} file(s), {sum(f['bytes'] for f in fs):,} bytes")
+    sides = report["outputs"].get("sidecars") or []
+    if sides:
+        lines.append("beside them: " + ", ".join(s["name"] for s in sides))
+    for side in sides:
+        for c in side.get("changes") or []:
+            lines.append(f"  {side['name']}: {c['key']} {c['from']} -> {c['to']} (from {c['because']})")
     changed = [e for e in report["ledger"] if e["fate"] in ("reconciled", "split")]
     for e in changed[:12]:
         acts = [a for a in e["actions"] if a["action"] in ("trim", "grow", "split", "transpose")]

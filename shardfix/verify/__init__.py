@@ -29,8 +29,10 @@ from shardfix.io.preads import fill_upto, pread_upto
 from shardfix.io.st_header import Header, build_header, read_header
 from shardfix.outputs.hf import PARAM_GROUPS_NAME
 from shardfix.outputs.layout import REPORT_NAME, STAGING
+from shardfix.outputs.sidecars import safe_relative
 from shardfix.outputs.writer import TensorSpec
 from shardfix.verify.rebuild import Recompute
+from shardfix.verify.sidecars import check_sidecars
 
 _SETS = ("model", "optimizer", "companions")
 _BLOCK = 16 << 20
@@ -58,6 +60,7 @@ def verify_output(
         err = f" ({report['error']})" if report.get("error") else ""
         problems.append(f"{out / REPORT_NAME}: status is {report.get('status')!r}, not 'complete'{err}")
     _check_directory(out, files, report, problems)
+    check_sidecars(out, report, {f["name"] for f in files}, problems)
     _check_ledger(report, files, problems)
     recompute = None
     if against is not None:
@@ -107,7 +110,7 @@ def _report_files(report: dict[str, Any], path: Path, problems: list[str]) -> li
 def _well_formed(f: Any) -> bool:
     if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not isinstance(f.get("checksum"), str):
         return False
-    if "/" in f["name"] or f["name"].startswith(".") or not isinstance(f.get("tensors"), list):
+    if not safe_relative(f["name"]) or not isinstance(f.get("tensors"), list):
         return False
     for t in f["tensors"]:
         if not isinstance(t, dict) or not all(isinstance(t.get(k), str) for k in ("name", "dtype", "checksum")):

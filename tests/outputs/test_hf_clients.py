@@ -1,15 +1,19 @@
-"""The pieces fit: today's ``shardfix convert`` output plus the pure sidecar functions load in real clients.
+"""``shardfix convert`` writes a directory fine-tuning loads as is: real transformers and peft, offline.
 
-Each test converts a real checkpoint (FSDP2 on 2 gloo ranks, or torch.save) with today's
-``convert``, then assembles the Hugging Face directory *by hand* from the functions the output
-layout will call (:mod:`shardfix.outputs.hf_config`, :mod:`shardfix.outputs.peft`), and loads it
-with ``AutoModelForCausalLM.from_pretrained`` / ``PeftModel.from_pretrained``: no missing,
-unexpected or mismatched keys, and the trained model's logits restricted to the true vocab, bit for bit.
+Each test converts a real checkpoint (FSDP2 on 2 gloo ranks with DCP, or torch.save; a tiny Llama
+with GQA whose vocab 1000 is padded to 1024; see ``tests/producers/hf_models.py``) with the CLI:
+``shardfix convert SRC OUT --vocab-size 1000 --tokenizer TOKDIR``. The config and
+``adapter_config.json`` are the ones the training run saved beside the checkpoint (or given with
+``--adapter-config``). Then ``AutoModelForCausalLM.from_pretrained(OUT)`` /
+``PeftModel.from_pretrained(..., OUT/adapter)`` load with no missing, unexpected or mismatched keys
+and give the trained model's logits restricted to the true vocab, bit for bit; ``shardfix verify OUT
+--against SRC`` passes (run in-process: ``verify_output``; it also checks that the ledger covers every source key exactly once).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -19,103 +23,144 @@ import torch
 pytest.importorskip("transformers", reason="the client tests need transformers (pip install -e '.[test-hf]')")
 pytest.importorskip("peft", reason="the client tests need peft (pip install -e '.[test-hf]')")
 
-from safetensors.torch import load_file, save_file  # noqa: E402
-
+import shardfix  # noqa: E402
 from shardfix.api import convert  # noqa: E402
+from shardfix.errors import BadInputError, OutputError  # noqa: E402
 from shardfix.options import ConvertOptions  # noqa: E402
-from shardfix.outputs.hf_config import ConfigFacts, reconcile_config, tied_duplicates  # noqa: E402
-from shardfix.outputs.hf_files import (  # noqa: E402
-    find_config,
-    find_generation_config,
-    list_tokenizer_files,
-    read_json_object,
-)
-from shardfix.outputs.peft import check_adapter_config, split_names  # noqa: E402
-from shardfix.targets.files import tokenizer_vocab  # noqa: E402
-from tests.conftest import bits_equal  # noqa: E402
+from shardfix.verify import verify_output  # noqa: E402
+from tests.conftest import run_cli  # noqa: E402
 from tests.hf_clients import check_model, check_peft  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
+TOKENIZER_FILES = ["special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+
 
 @pytest.fixture(scope="session")
 def hf_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The producers' runs; ``SHARDFIX_TEST_HF_RUNS=DIR`` reuses ``python -m tests.producers.hf_models DIR``."""
     from tests.producers.hf_models import make_all
 
+    if os.environ.get("SHARDFIX_TEST_HF_RUNS"):
+        return Path(os.environ["SHARDFIX_TEST_HF_RUNS"])
     return make_all(tmp_path_factory.mktemp("hf"))
 
 
-def _convert(src: Path, out: Path, **kw) -> dict:
-    tok = src.parent / "tokenizer" if src.is_dir() else src.parent / "tokenizer"
-    report = convert(src, out, ConvertOptions(tokenizer=str(tok), executor="inline", progress=False, **kw))
+def _cli_convert(src: Path, out: Path, *extra: str | Path) -> dict:
+    r = run_cli("convert", src, out, "--vocab-size", "1000", "--tokenizer", src.parent / "tokenizer",
+                "--executor", "inline", "--no-progress", *extra)
+    assert r.code == 0, r.err
+    report = json.loads((out / "shardfix-report.json").read_text())
     assert report["status"] == "complete"
     return report
 
 
-def _sidecars(src: Path, out: Path, tied: bool) -> list[dict]:
-    """What the HF layout will add: config.json (reconciled), generation_config.json, tokenizer files."""
-    tok = src.parent / "tokenizer"
-    cfg_path = find_config(src)
-    assert cfg_path == src.parent / "config.json"
-    facts = ConfigFacts(vocab_size=tokenizer_vocab(str(tok)), vocab_from="--tokenizer", padded_vocab=1024, tied=tied,
-                        tied_from="lm_head.weight equals model.embed_tokens.weight" if tied else "lm_head.weight differs")
-    config, changes = reconcile_config(read_json_object(cfg_path, "config.json"), facts, str(cfg_path))
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    gen = find_generation_config(cfg_path, src)
-    assert gen is not None
-    shutil.copyfile(gen, out / gen.name)
-    for f in list_tokenizer_files(tok):
-        shutil.copyfile(f, out / f.name)
-    return changes
+def _verify(out: Path, src: Path) -> None:
+    """What ``shardfix verify OUT --against SRC`` runs (in this process: a CLI start costs seconds here)."""
+    problems, stats = verify_output(out, src)
+    assert not problems, problems
+    assert stats["compared"] == stats["tensors"] > 0
 
 
-def _drop_tied(out: Path) -> None:
-    """Tied embeddings the way save_pretrained writes them: the output embedding left out."""
-    weights = load_file(out / "model.safetensors")
-    for dup, kept in tied_duplicates(weights, tied=True).items():
-        assert bits_equal(weights[dup], weights[kept]), f"{dup} is not a copy of {kept}"
-        del weights[dup]
-    save_file(weights, out / "model.safetensors")
+def _sidecars(report: dict) -> dict[str, dict]:
+    return {s["name"]: s for s in report["outputs"]["sidecars"]}
 
 
 @pytest.mark.parametrize("variant", ["untied", "tied"])
 def test_from_pretrained(hf_runs: Path, tmp_path: Path, variant: str) -> None:
-    run = hf_runs / variant
-    out = tmp_path / "out"
-    _convert(run / "checkpoint", out)
-    changes = _sidecars(run / "checkpoint", out, tied=variant == "tied")
-    assert changes == [{"key": "vocab_size", "from": 1024, "to": 1000, "because": "--tokenizer"}]
-    if variant == "tied":
-        _drop_tied(out)
-    reference = torch.load(run / "reference.pt", weights_only=True)
-    model = check_model(out, reference)
+    run, out = hf_runs / variant, tmp_path / "out"
+    report = _cli_convert(run / "checkpoint", out)
+    sides = _sidecars(report)
+    assert sorted(sides) == sorted(["config.json", "generation_config.json", "optimizer_param_groups.json",
+                                    *TOKENIZER_FILES])
+    assert sides["config.json"]["changes"] == [{"key": "vocab_size", "from": 1024, "to": 1000, "because": "--vocab-size"}]
+    assert all(len(s["checksum"]) == 32 and s["bytes"] == (out / s["name"]).stat().st_size for s in sides.values())
+    head = next(e for e in report["ledger"] if e["source"] == "model.lm_head.weight")
+    if variant == "tied":  # as save_pretrained writes it; the ledger says why
+        assert head["fate"] == "dropped" and "tied to model.embed_tokens.weight" in head["reason"]
+    else:
+        assert head["outputs"] == ["lm_head.weight"]
+    _verify(out, run / "checkpoint")
+
+    model = check_model(out, torch.load(run / "reference.pt", weights_only=True))
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == (variant == "tied")
     from transformers import AutoTokenizer
 
     assert len(AutoTokenizer.from_pretrained(out)) == 1000
 
 
-def _split_adapter(src: Path, out: Path) -> None:
-    """Base model under plain names in OUT, the adapter under PEFT's saved names in OUT/adapter."""
-    weights = load_file(out / "model.safetensors")
-    split = split_names(weights)
-    cfg = read_json_object(src.parent / "adapter_config.json", "--adapter-config")
-    check_adapter_config(cfg, {k: tuple(v.shape) for k, v in weights.items()}, "adapter_config.json")
-    save_file({split.base[k]: weights[k] for k in split.base}, out / "model.safetensors")
-    (out / "adapter").mkdir()
-    save_file({split.adapter[k]: weights[k] for k in split.adapter}, out / "adapter" / "adapter_model.safetensors")
-    shutil.copyfile(src.parent / "adapter_config.json", out / "adapter" / "adapter_config.json")
+@pytest.mark.parametrize(("variant", "src", "given"), [("lora_dcp", "checkpoint", True),
+                                                       ("lora_torchsave", "checkpoint.pt", False)])
+def test_peft_adapter(hf_runs: Path, tmp_path: Path, variant: str, src: str, given: bool) -> None:
+    run, out = hf_runs / variant, tmp_path / "out"
+    extra: list[str | Path] = ["--trainable", "lora_"]  # the torch.save optimizer state is keyed by integer ids
+    if given:
+        cfg = tmp_path / "my_adapter_config.json"
+        shutil.copyfile(run / "adapter_config.json", cfg)
+        extra += ["--adapter-config", cfg]
+    report = _cli_convert(run / src, out, *extra)
+    assert _sidecars(report)["adapter/adapter_config.json"]["from"].startswith("--adapter-config" if given else str(run))
+    assert (out / "adapter" / "adapter_config.json").read_bytes() == (run / "adapter_config.json").read_bytes()
+    files = {f["name"]: f for f in report["outputs"]["files"]}
+    assert len(files["adapter/adapter_model.safetensors"]["tensors"]) == 8  # lora_A, lora_B of q, v in 2 layers
+    assert not [t for t in files["model.safetensors"]["tensors"] if "lora_" in t["name"] or "base_layer" in t["name"]]
+    _verify(out, run / src)
+
+    model = check_peft(out, torch.load(run / "reference.pt", weights_only=True))
+    # the adapters' optimizer state is in optimizer.safetensors and restores into the PeftModel by name
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
+    result = shardfix.load_optimizer_state(opt, model, out, strict=True)
+    assert len(result.loaded) == 8 and not result.missing
 
 
-@pytest.mark.parametrize(("variant", "src"), [("lora_dcp", "checkpoint"), ("lora_torchsave", "checkpoint.pt")])
-def test_peft_adapter(hf_runs: Path, tmp_path: Path, variant: str, src: str) -> None:
-    run = hf_runs / variant
+def _lora_copy(hf_runs: Path, tmp_path: Path, *, adapter_config: bool) -> Path:
+    """The torch.save LoRA checkpoint with the training run's config.json, optionally its adapter config."""
+    src = tmp_path / "run"
+    src.mkdir()
+    for name in ["checkpoint.pt", "config.json"] + (["adapter_config.json"] if adapter_config else []):
+        shutil.copyfile(hf_runs / "lora_torchsave" / name, src / name)
+    return src / "checkpoint.pt"
+
+
+def test_lora_without_adapter_config_proposes_one(hf_runs: Path, tmp_path: Path) -> None:
+    ckpt = _lora_copy(hf_runs, tmp_path, adapter_config=False)
+    with pytest.raises(BadInputError) as e:
+        convert(ckpt, tmp_path / "out", ConvertOptions(vocab_size=1000, executor="inline", progress=False))
+    msg = str(e.value)
+    assert '"r": 4' in msg and '"target_modules": ["q_proj", "v_proj"]' in msg and "lora_alpha" in msg
+    assert "--adapter-config" in msg
+    assert not (tmp_path / "out").exists()  # refused while planning
+
+
+def test_config_conflicting_with_flag_is_exit_2(hf_runs: Path, tmp_path: Path) -> None:
+    ckpt = _lora_copy(hf_runs, tmp_path, adapter_config=True)
+    cfg = json.loads((ckpt.parent / "config.json").read_text())
+    (ckpt.parent / "config.json").write_text(json.dumps({**cfg, "vocab_size": 1010}))
+    with pytest.raises(BadInputError) as e:  # exit 2
+        convert(ckpt, tmp_path / "out", ConvertOptions(vocab_size=1000, executor="inline", progress=False))
+    assert f"{ckpt.parent / 'config.json'} (beside the source): vocab_size is 1010" in str(e.value)
+    assert "--vocab-size gives 1000" in str(e.value)
+
+
+def test_sidecars_never_replace_foreign_files_and_verify_checks_them(hf_runs: Path, tmp_path: Path) -> None:
+    ckpt = _lora_copy(hf_runs, tmp_path, adapter_config=True)
     out = tmp_path / "out"
-    _convert(run / src, out, trainable="lora_")
-    _sidecars(run / src, out, tied=False)
-    _split_adapter(run / src, out)
-    reference = torch.load(run / "reference.pt", weights_only=True)
-    check_peft(out, reference)
-    # the adapters' optimizer state is written under the wrapped names, as today
-    optim = load_file(out / "optimizer.safetensors")
-    assert optim and all(".lora_" in k for k in optim)
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": true}\n')
+    opts = ConvertOptions(vocab_size=1000, trainable="lora_", executor="inline", progress=False, resume=True)
+    with pytest.raises(OutputError, match="config.json: already exists and shardfix did not write it"):
+        convert(ckpt, out, opts)
+    assert (out / "config.json").read_text() == '{"mine": true}\n'
+    assert not (out / "model.safetensors").exists()  # nothing was moved into place
+
+    (out / "config.json").unlink()
+    report = convert(ckpt, out, opts)  # --resume finishes it, reusing the staged files
+    assert report["executor"]["resumed_files"] == len(report["outputs"]["files"])
+    problems, stats = verify_output(out, ckpt)
+    assert problems == [] and stats["compared"] == 53
+    (out / "adapter" / "adapter_config.json").write_text("{}")
+    problems, _ = verify_output(out)
+    assert problems == [f"{out}/adapter/adapter_config.json: 2 bytes, the report says "
+                        f"{(ckpt.parent / 'adapter_config.json').stat().st_size}"]
