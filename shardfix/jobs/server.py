@@ -53,10 +53,12 @@ def job_server_address(address: str | None) -> str:
 
 def _auth_hint(e: BaseException) -> str:
     text = str(e).lower()
-    if any(w in text for w in ("forbidden", "invalid authentication", "403")):
+    # status codes as whole words: a port such as 54019 must not read as HTTP 401
+    words = set(re.findall(r"[a-z0-9]+", text))
+    if "forbidden" in text or "invalid authentication" in text or "403" in words:
         return ("; the cluster rejected the token: check that RAY_AUTH_TOKEN (or the file in RAY_AUTH_TOKEN_PATH, "
                 "or ~/.ray/auth_token) holds the cluster's token")
-    if any(w in text for w in ("401", "unauthorized", "authentication", "token")):
+    if "401" in words or any(w in text for w in ("unauthorized", "authentication", "token")):
         return ("; the cluster uses token authentication: export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<token> "
                 "(or RAY_AUTH_TOKEN_PATH=<file>) before running shardfix")
     return ""

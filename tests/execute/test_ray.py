@@ -186,7 +186,10 @@ def test_interrupted_driver_then_resume(fsdp_ckpt, inline_ref, tmp_path):
     assert p.returncode == -signal.SIGKILL, "the conversion finished before it could be interrupted"
     staged = len(list(staging.glob("*.done.json")))
     assert 3 <= staged < sum(n.endswith(".safetensors") for n in inline_ref)
-    assert [q.name for q in out.iterdir()] == [STAGING], "an interrupted directory must not look complete"
+    left = sorted(q.name for q in out.iterdir())
+    assert left == sorted({STAGING, ".shardfix-lock", ".shardfix-manifest.json"} & {*left, STAGING}), left
+    assert not list(out.glob("*.safetensors")) and not (out / REPORT_NAME).exists(), \
+        "an interrupted directory must not look complete"
 
     r = run_cli("convert", fsdp_ckpt, out, *CLI_OPTS, "--executor", "inline")
     assert r.code == 2 and "--resume" in r.err
