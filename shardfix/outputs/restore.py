@@ -7,7 +7,9 @@
 the same way the converter strips them), builds a torch-format state dict keyed by the live
 optimizer's own parameter ids and groups, and calls ``optimizer.load_state_dict``. The live
 optimizer may cover any subset of the model (only the trainable parameters) and may group its
-parameters differently from the optimizer that was saved.
+parameters differently from the optimizer that was saved. A tied parameter (one tensor under
+several names, e.g. ``model.embed_tokens.weight`` and ``lm_head.weight``) is restored from
+whichever of its names the state was saved under.
 """
 
 from __future__ import annotations
@@ -98,8 +100,10 @@ def load_optimizer_state(
     if hyperparameters not in ("live", "saved"):
         raise BadInputError(f"hyperparameters={hyperparameters!r}: use 'live' or 'saved'")
     out_dir, files = _optimizer_files(Path(path))
-    by_param = {id(p): strip_wrappers(n)[0] for n, p in model.named_parameters(remove_duplicate=False)}
-    model_names = set(by_param.values())
+    aliases: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(strip_wrappers(n)[0])
+    model_names = {n for names in aliases.values() for n in names}
     result = LoadResult()
 
     saved: dict[str, dict[str, tuple[Path, str]]] = {}
@@ -118,6 +122,8 @@ def load_optimizer_state(
                 pname, sname = _split_name(key, model_names)
                 saved.setdefault(pname, {})[sname] = (f, key)
 
+    # a tied parameter has several names; its state may be saved under any of them (DCP: the first)
+    by_param = {i: next((n for n in names if n in saved), names[0]) for i, names in aliases.items()}
     live = _live_params(optimizer)
     sd = optimizer.state_dict()
     state: dict[int, dict[str, Any]] = dict(sd["state"])
@@ -128,7 +134,7 @@ def load_optimizer_state(
         if name is None:
             result.missing.append(f"<parameter {i} of the optimizer, not a parameter of the model>")
             continue
-        live_names.add(name)
+        live_names.update(aliases[id(p)])
         if name not in saved:
             result.missing.append(name)
             continue
