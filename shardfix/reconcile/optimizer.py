@@ -3,8 +3,11 @@
 Torch's ``optimizer.state_dict()`` keys state by position in the param groups. The names come
 from, in this order: ``param_names`` recorded in the groups (torch records them when the
 optimizer was built from ``named_parameters()``); a list the user passes with
-``--param-names``; an order-preserving match of state shapes against the model's parameters
-filtered by ``--trainable``. A mapping that is ambiguous or fails is reported, never guessed.
+``--param-names`` (applied only when every state's shape fits the parameter it names); group
+order -- each param group follows the model's order, the groups in any order
+(:func:`by_groups`, over the model's parameters filtered by ``--trainable``), taken only when
+exactly one assignment fits the shapes. A mapping that is ambiguous or fails is reported, never
+guessed.
 
 State saved by a sharded optimizer that keeps only one rank's rows (modded-nanogpt's
 ``DistAdam`` keeps ``p[r*n/ws:(r+1)*n/ws]`` of each moment, and only rank 0 saves) is
