@@ -7,7 +7,9 @@
 the same way the converter strips them), builds a torch-format state dict keyed by the live
 optimizer's own parameter ids and groups, and calls ``optimizer.load_state_dict``. The live
 optimizer may cover any subset of the model (only the trainable parameters) and may group its
-parameters differently from the optimizer that was saved.
+parameters differently from the optimizer that was saved. A tied parameter (one tensor under
+several names, e.g. ``model.embed_tokens.weight`` and ``lm_head.weight``) is restored from
+whichever of its names the state was saved under.
 """
 
 from __future__ import annotations
@@ -98,42 +100,20 @@ def load_optimizer_state(
     if hyperparameters not in ("live", "saved"):
         raise BadInputError(f"hyperparameters={hyperparameters!r}: use 'live' or 'saved'")
     out_dir, files = _optimizer_files(Path(path))
-    by_param = {id(p): strip_wrappers(n)[0] for n, p in model.named_parameters(remove_duplicate=False)}
-    model_names = set(by_param.values())
+    aliases: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(strip_wrappers(n)[0])
+    model_names = {n for names in aliases.values() for n in names}
     result = LoadResult()
 
-    saved: dict[str, dict[str, tuple[Path, str]]] = {}
-    partial: set[str] = set()
-    for f in files:
-        with safe_open(str(f), framework="pt") as h:
-            meta = h.metadata() or {}
-            try:
-                partial |= set(json.loads(meta.get(PARTIAL_ROWS_KEY, "{}")))
-            except ValueError:
-                result.notes.append(f"{f.name}: unreadable {PARTIAL_ROWS_KEY} metadata; ignored")
-            for key in h.keys():
-                if key in partial or _PARTIAL_NAME.search(key):
-                    result.partial.append(key)
-                    continue
-                pname, sname = _split_name(key, model_names)
-                saved.setdefault(pname, {})[sname] = (f, key)
+    saved = _saved_state(files, model_names, result)
 
+    # a tied parameter has several names; its state may be saved under any of them (DCP: the first)
+    by_param = {i: next((n for n in names if n in saved), names[0]) for i, names in aliases.items()}
     live = _live_params(optimizer)
     sd = optimizer.state_dict()
     state: dict[int, dict[str, Any]] = dict(sd["state"])
-    live_names: set[str] = set()
-    todo: dict[int, tuple[str, dict[str, tuple[Path, str]]]] = {}
-    for i, p in enumerate(live):
-        name = by_param.get(id(p))
-        if name is None:
-            result.missing.append(f"<parameter {i} of the optimizer, not a parameter of the model>")
-            continue
-        live_names.add(name)
-        if name not in saved:
-            result.missing.append(name)
-            continue
-        todo[i] = (name, saved[name])
-    result.unexpected = sorted(n for n in saved if n not in live_names)
+    todo = _match(live, by_param, aliases, saved, result)
 
     readers: dict[Path, Any] = {}
     try:
@@ -162,6 +142,48 @@ def load_optimizer_state(
         _apply_saved_hyperparameters(groups, live, by_param, out_dir, result)
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     return result
+
+
+_Saved = dict[str, dict[str, tuple[Path, str]]]
+
+
+def _match(live: list[torch.Tensor], by_param: dict[int, str], aliases: dict[int, list[str]], saved: _Saved,
+           result: LoadResult) -> dict[int, tuple[str, dict[str, tuple[Path, str]]]]:
+    """The saved state of each live parameter (by its index in the optimizer); fills ``missing`` and ``unexpected``."""
+    live_names: set[str] = set()
+    todo: dict[int, tuple[str, dict[str, tuple[Path, str]]]] = {}
+    for i, p in enumerate(live):
+        name = by_param.get(id(p))
+        if name is None:
+            result.missing.append(f"<parameter {i} of the optimizer, not a parameter of the model>")
+            continue
+        live_names.update(aliases[id(p)])  # state saved under another alias of a tied parameter is not unexpected
+        if name not in saved:
+            result.missing.append(name)
+            continue
+        todo[i] = (name, saved[name])
+    result.unexpected = sorted(n for n in saved if n not in live_names)
+    return todo
+
+
+def _saved_state(files: list[Path], model_names: set[str], result: LoadResult) -> dict[str, dict[str, tuple[Path, str]]]:
+    """Where each saved ``state.<param>.<state>`` lives, by parameter and state; partial slices go to ``result``."""
+    saved: dict[str, dict[str, tuple[Path, str]]] = {}
+    partial: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            meta = h.metadata() or {}
+            try:
+                partial |= set(json.loads(meta.get(PARTIAL_ROWS_KEY, "{}")))
+            except ValueError:
+                result.notes.append(f"{f.name}: unreadable {PARTIAL_ROWS_KEY} metadata; ignored")
+            for key in h.keys():
+                if key in partial or _PARTIAL_NAME.search(key):
+                    result.partial.append(key)
+                    continue
+                pname, sname = _split_name(key, model_names)
+                saved.setdefault(pname, {})[sname] = (f, key)
+    return saved
 
 
 def _optimizer_files(path: Path) -> tuple[Path, list[Path]]:

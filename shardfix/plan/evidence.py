@@ -5,7 +5,11 @@ Target shapes are the truth; evidence only proposes and cross-checks. It reads a
 
 * **Untrained vocab rows**: embedding rows whose Adam moments are exactly zero never received
   gradient, so the true vocab is at most the first such row of a trailing all-zero run. (Only
-  embeddings: an ``lm_head``'s padded rows do get gradient, since the loss runs over all logits.)
+  embeddings: an ``lm_head``'s padded rows do get gradient, since the loss runs over all logits.
+  So does every row of an embedding *tied* to the output layer -- ``tie_word_embeddings`` in a
+  ``config.json`` beside the checkpoint, or an output layer of the same shape without optimizer
+  state of its own (DCP keys a tied parameter's state by its first name) -- so for a tied
+  matrix non-zero moments are reported as a finding, not as trained tokens.)
 * **World-size padding**: trailing exact ones in a ``scalars``-like vector, and the world sizes
   that padding implies (``pad = (-content) % world_size``).
 
@@ -15,7 +19,9 @@ non-zero -- the conversion still follows the target and a warning names the rows
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +33,7 @@ from shardfix.sources.base import Source
 _EMBED = re.compile(r"(^|\.)(embed|wte|tok_embeddings|word_embeddings|embed_tokens|value_embeds?\.\d+)(\.weight)?$")
 _SCALARS = re.compile(r"(^|\.)(scalars|lambdas|skip_weights|.*_lambdas?)$")
 _MOMENTS = ("exp_avg_sq", "exp_avg", "momentum_buffer")
+_OUTPUT = re.compile(r"(^|\.)(lm_head|output|embed_out)(\.weight)?$")
 MAX_VECTOR = 1 << 16
 
 
@@ -110,7 +117,13 @@ def gather_evidence(plan: Plan, source: Source) -> tuple[dict[str, Any], list[st
             last_trained = int(torch.nonzero(trained).max()) if bool(trained.any()) else -1
             item = {"tensor": name, "rows": shape[0], "moment": moment, "untrained_rows": len(rows),
                     "trailing_untrained_from": last_trained + 1, "likely_vocab_at_most": last_trained + 1}
+            tied = _tied_to_output(plan, name, shape, model_entries, state_keys)
             findings["vocab_rows"].append(item)
+            if tied:
+                item.update(tied=tied, likely_vocab_at_most=None,
+                            note="every row of a matrix tied to the output layer gets gradient through the softmax, so "
+                                 "non-zero moments in padded rows do not mean those tokens were trained")
+                continue
             if target_vocab is not None and target_vocab <= last_trained:
                 kept = target_vocab
                 discarded = torch.nonzero(trained[kept:]).flatten().add(kept).tolist()
@@ -136,3 +149,26 @@ def gather_evidence(plan: Plan, source: Source) -> tuple[dict[str, Any], list[st
                 warnings.append(f"{name}: the target length {out_shape[0]} also trims {cut.numel()} value(s) that are not "
                                 f"padding ones (indices {out_shape[0]}..{shape[0] - ones - 1})")
     return findings, warnings
+
+
+def _tied_to_output(plan: Plan, name: str, shape: list[int], model_entries: dict[str, Any],
+                    state_keys: dict[str, str]) -> str | None:
+    """Why the embedding ``name`` is the output layer's matrix too, or None.
+
+    ``tie_word_embeddings`` in a ``config.json`` beside the checkpoint (or in its parent, for a
+    DCP directory), or an output layer of the same shape whose optimizer state is absent while the
+    embedding's is present (DCP and torch key a tied parameter's state once, by its first name).
+    """
+    path = Path(plan.source.get("path", ""))
+    for where in (path if path.is_dir() else path.parent, path.parent):
+        try:
+            config = json.loads((where / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(config, dict) and config.get("tie_word_embeddings") is True:
+            return f"tie_word_embeddings in {where / 'config.json'}"
+    for out_name, entry in model_entries.items():
+        if out_name != name and _OUTPUT.search(out_name) and list(entry.shape or []) == list(shape):
+            if not any(f"state.{out_name}.{m}" in state_keys for m in _MOMENTS):
+                return f"{out_name} has the same shape and no optimizer state of its own (one state for both names)"
+    return None

@@ -16,6 +16,7 @@ from typing import Any
 from shardfix.options import ConvertOptions
 from shardfix.outputs.hf import PARAM_GROUPS_NAME
 from shardfix.plan.context import PlanContext
+from shardfix.plan.model_order import ModelOrder, model_order
 from shardfix.plan.types import PARTIAL_ROWS_KEY, LedgerEntry, ModelTensor, OutputFile, OutputTensor, fate_of
 from shardfix.reconcile import ops as O
 from shardfix.reconcile.keys import strip_wrappers
@@ -85,7 +86,7 @@ def _names_file(ctx: PlanContext, optimizers: list[int], refs: dict[int, list[tu
 
 
 def _mapping(ctx: PlanContext, st: dict[Any, dict[str, TensorEntry | ObjectEntry]], refs: list[tuple[Any, Any]],
-             names_file: list[str] | None, label: str) -> IdMapping:
+             names_file: list[str] | None, label: str, gdict: dict[int, dict[str, Any]], order: ModelOrder) -> IdMapping:
     """How one optimizer's state refs map to model parameter names."""
     ids = [ref for ref, _ in refs]
     if all(isinstance(i, str) for i in ids):
@@ -95,7 +96,15 @@ def _mapping(ctx: PlanContext, st: dict[Any, dict[str, TensorEntry | ObjectEntry
               for ref in st}
     model_params = [(n, t.entry.shape) for n, t in ctx.model.items()]
     return map_ids(ids, [strip_wrappers(n)[0] if n else None for n in gnames], shapes, model_params,
-                   param_names_file=names_file, trainable=ctx.opts.trainable, label=label)
+                   param_names_file=names_file, trainable=ctx.opts.trainable, label=label,
+                   groups=_group_ids(gdict, refs), orders=order.orders, order_source=order.source,
+                   group_classes=order.group_classes)
+
+
+def _group_ids(gdict: dict[int, dict[str, Any]], refs: list[tuple[Any, Any]]) -> list[list[Any]]:
+    """The ids of each param group (non-empty ones), then each id listed in no group on its own."""
+    out = [list(ps) for g in sorted(gdict) if (ps := gdict[g].get("params", (None, []))[1] or [])]
+    return out + [[ref] for ref, n in refs if n is _STATE_ONLY]
 
 
 def _refuse(ctx: PlanContext, mapping: IdMapping, st: dict[Any, dict[str, Any]], gdict: dict[int, dict[str, Any]],
@@ -150,11 +159,12 @@ def plan_optimizer(ctx: PlanContext) -> OptimizerPlan:
     refs = {opt: _optimizer_ids(groups.get(opt, {}), states.get(opt, {})) for opt in optimizers}
     names_file = _names_file(ctx, optimizers, refs)
     plan = _OptimPlan(ctx.model, ctx.opts, ctx.ledger, ctx.warnings)
+    order = model_order(ctx)
     param_groups: list[dict[str, Any]] = []
     for k, opt in enumerate(optimizers):
         label = f"optimizer {opt}" if len(optimizers) > 1 else "the optimizer"
         gdict, st = groups.get(opt, {}), states.get(opt, {})
-        mapping = _mapping(ctx, st, refs[opt], _names_for(names_file, k, refs[opt]), label)
+        mapping = _mapping(ctx, st, refs[opt], _names_for(names_file, k, refs[opt]), label, gdict, order)
         if not mapping.ok:
             _refuse(ctx, mapping, st, gdict, label)
             continue

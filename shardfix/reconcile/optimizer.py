@@ -3,8 +3,11 @@
 Torch's ``optimizer.state_dict()`` keys state by position in the param groups. The names come
 from, in this order: ``param_names`` recorded in the groups (torch records them when the
 optimizer was built from ``named_parameters()``); a list the user passes with
-``--param-names``; an order-preserving match of state shapes against the model's parameters
-filtered by ``--trainable``. A mapping that is ambiguous or fails is reported, never guessed.
+``--param-names`` (applied only when every state's shape fits the parameter it names); group
+order -- each param group follows the model's order, the groups in any order
+(:func:`by_groups`, over the model's parameters filtered by ``--trainable``), taken only when
+exactly one assignment fits the shapes. A mapping that is ambiguous or fails is reported, never
+guessed.
 
 State saved by a sharded optimizer that keeps only one rank's rows (modded-nanogpt's
 ``DistAdam`` keeps ``p[r*n/ws:(r+1)*n/ws]`` of each moment, and only rank 0 saves) is
@@ -18,6 +21,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from shardfix.reconcile.group_order import classes_of, group_mappings
 
 
 @dataclass(slots=True)
@@ -145,6 +150,10 @@ def map_ids(
     param_names_file: list[str] | None,
     trainable: str | None,
     label: str,
+    groups: list[list[Any]] | None = None,
+    orders: list[list[tuple[str, Shape]]] | None = None,
+    order_source: str = "the checkpoint's key order",
+    group_classes: tuple[tuple[str, str], ...] = (),
 ) -> IdMapping:
     """Map one optimizer's ids (in param-group order) to parameter names.
 
@@ -156,16 +165,49 @@ def map_ids(
         param_names_file: names from ``--param-names``, in param-group order.
         trainable: the ``--trainable`` regex.
         label: how to name this optimizer in messages.
+        groups: the ids of each param group (default: one group of ``ids``).
+        orders: candidate model orders (default: ``model_params`` as it is); empty: the order is unknown.
+        order_source: where the model's order comes from, for the ledger and messages.
+        group_classes: a profile's declared grouping, ``(class, regex)``: a group holds one class.
     """
     if ids and all(n is not None for n in group_names):
         return IdMapping(dict(zip(ids, group_names, strict=True)), "param_names recorded in the param groups")
     if param_names_file is not None:
-        if len(param_names_file) != len(ids):
-            return IdMapping(problems=[
-                f"{label}: --param-names lists {len(param_names_file)} names but the optimizer has "
-                f"{len(ids)} parameters; list exactly the optimized parameters in param-group order"
-            ])
-        return IdMapping(dict(zip(ids, param_names_file, strict=True)), "--param-names")
+        return _from_file(ids, param_names_file, state_shapes, model_params, label)
+    orders = [model_params] if orders is None else orders
+    if not orders:
+        return IdMapping(problems=[f"{label}: its state is keyed by integer ids and the model's parameter order is "
+                                   f"not known ({order_source}); pass --param-names FILE"])
+    if len(orders) == 1 and (groups is None or len(groups) <= 1):
+        return _one_order(ids, state_shapes, orders[0], trainable, label)
+    return by_groups(ids, groups or [ids], state_shapes, orders, trainable=trainable, label=label,
+                     order_source=order_source, group_classes=group_classes)
+
+
+def _from_file(ids: list[Any], names: list[str], state_shapes: dict[Any, Shape | None],
+               model_params: list[tuple[str, Shape]], label: str) -> IdMapping:
+    """``--param-names``, applied only when every state's shape fits the parameter it names."""
+    if len(names) != len(ids):
+        return IdMapping(problems=[
+            f"{label}: --param-names lists {len(names)} names but the optimizer has "
+            f"{len(ids)} parameters; list exactly the optimized parameters in param-group order"
+        ])
+    shapes = dict(model_params)
+    bad = [f"state {i} {list(w)} named {n} {list(shapes[n])}" for i, n in zip(ids, names, strict=True)
+           if (w := state_shapes.get(i)) is not None and n in shapes and w != shapes[n]
+           and partial_rows(w, shapes[n]) is None]
+    if bad:
+        return IdMapping(problems=[
+            f"{label}: --param-names does not fit the state shapes ({'; '.join(bad[:4])}"
+            f"{f'; and {len(bad) - 4} more' if len(bad) > 4 else ''}); the list must follow the optimizer's "
+            "param-group order (group after group), not the model's -- fix --param-names FILE"
+        ])
+    return IdMapping(dict(zip(ids, names, strict=True)), "--param-names")
+
+
+def _one_order(ids: list[Any], state_shapes: dict[Any, Shape | None], model_params: list[tuple[str, Shape]],
+               trainable: str | None, label: str) -> IdMapping:
+    """One param group in the model's order: an order-preserving shape match, taken when unique."""
     candidates = model_params
     if trainable:
         rx = re.compile(trainable)
@@ -188,24 +230,9 @@ def map_ids(
         ways = _count_embeddings(want, have, fits=fits)
         if ways == 1:
             pos = _first_embedding(want, have, fits)
-            if not trainable and len(want) != len(have):
-                # An optimizer over a subset often orders its params by group (head, embeddings,
-                # scalars), not in model order; a shape that fits several parameters then maps only
-                # by that order assumption, which nothing here can check: refuse to guess.
-                repeated = [
-                    f"state {i} {list(w)} fits " + " and ".join(n for n, h in candidates if fits(w, h))
-                    for i, w in zip(ids, want, strict=True)
-                    if w is not None and sum(fits(w, h) for h in have) > 1
-                ]
-                if repeated:
-                    return IdMapping(problems=[
-                        f"{label}: covers {len(ids)} of the model's {len(have)} parameters and its order need not be "
-                        f"the model's, so shapes shared by several parameters are ambiguous ({'; '.join(repeated[:3])}"
-                        f"{' ...' if len(repeated) > 3 else ''}); pass --param-names FILE, or --trainable REGEX naming "
-                        "exactly the optimized parameters"
-                    ])
             return IdMapping({i: candidates[p][0] for i, p in zip(ids, pos, strict=True)},
-                             f"unique order-preserving shape match{how} ({len(ids)} of {len(have)} parameters{among})")
+                             f"unique order-preserving shape match{how} ({len(ids)} of {len(have)} parameters{among}; "
+                             "a param group follows the model's order)")
         if ways > 1:
             return IdMapping(problems=[
                 f"{label}: {len(ids)} optimized parameters match the model's {len(have)} candidate "
@@ -258,3 +285,67 @@ def _ambiguous(ids: list[Any], want: list[Shape | None], candidates: list[tuple[
             parts.append(f"state {ids[i]} {shape} could be " + " or ".join(where[:3]) + (" or ..." if len(where) > 3 else ""))
     shown = "; ".join(parts[:4])
     return shown + (f"; and {len(parts) - 4} more" if len(parts) > 4 else "")
+
+
+def by_groups(
+    ids: list[Any],
+    groups: list[list[Any]],
+    state_shapes: dict[Any, Shape | None],
+    orders: list[list[tuple[str, Shape]]],
+    *,
+    trainable: str | None,
+    label: str,
+    order_source: str,
+    group_classes: tuple[tuple[str, str], ...] = (),
+) -> IdMapping:
+    """Each param group in the model's order, the groups in any order: taken when exactly one assignment fits.
+
+    Every candidate model order is tried (one when the order is known); a profile's declared
+    grouping (``group_classes``) is tried first and dropped when nothing fits it.
+    """
+    rx = re.compile(trainable) if trainable else None
+    cands = [[(n, s) for n, s in o if rx is None or rx.search(n)] for o in orders]
+    want = [state_shapes.get(i) for i in ids]
+    among = f" matching --trainable {trainable!r}" if trainable else ""
+    if not any(w is not None for w in want):
+        return IdMapping(problems=[f"{label}: no parameter-shaped state to match by shape; pass --param-names FILE"])
+    have = [s for _, s in cands[0]]
+    attempts: list[tuple[Fits, str]] = [(_exact, "")]
+    attempts += [(_slice_of(ws), f" of 1/{ws} row slices (a world-size-{ws} sharded state)")
+                 for ws in _world_sizes(want, have)]
+    for fits, how in attempts:
+        found: dict[frozenset[tuple[Any, str]], dict[Any, str]] = {}
+        exhausted, declared = False, False
+        for declared in ((True, False) if group_classes else (False,)):
+            for order in cands:
+                classes = classes_of([n for n, _ in order], group_classes) if declared else None
+                res = group_mappings(groups, state_shapes, order, fits, classes)
+                exhausted = exhausted or res.exhausted
+                for mp in res.mappings:
+                    found.setdefault(frozenset(mp.items()), mp)
+                if len(found) > 1:
+                    break
+            if found:
+                break
+        if len(found) == 1 and not exhausted:
+            rule = (f"group order: each of {len(groups)} param groups follows the model's order, the groups in any "
+                    f"order; the only assignment the shapes{how} allow ({len(ids)} of {len(have)} parameters{among}; "
+                    f"model order: {order_source}{'; the profile declares the grouping' if declared else ''})")
+            return IdMapping(next(iter(found.values())), rule)
+        if len(found) > 1:
+            a, b = list(found.values())[:2]
+            diff = [f"state {i} {list(s) if (s := state_shapes.get(i)) else 'no state'} could be {a[i]} or {b[i]}"
+                    for i in ids if a[i] != b[i]]
+            return IdMapping(problems=[
+                f"{label}: its {len(groups)} param groups fit the model's parameters{among} in more than one way even "
+                f"with each group in model order (ambiguous: {'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}); "
+                "pass --param-names FILE" + ("" if trainable else " or --trainable REGEX")
+            ])
+        if exhausted:
+            return IdMapping(problems=[f"{label}: too many ways to place its {len(ids)} parameters by group order to "
+                                       "check that one is unique; pass --param-names FILE"])
+    return IdMapping(problems=[
+        f"{label}: its {len(groups)} param groups do not fit the model's {len(have)} parameters{among} with each group "
+        f"in model order (model order: {order_source}); pass --param-names FILE"
+        + ("" if trainable else " (or --trainable REGEX when only some parameters were trained)")
+    ])

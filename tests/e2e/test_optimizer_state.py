@@ -240,11 +240,19 @@ def test_optimizers_list_without_names_needs_param_names_file(tmp_path: Path) ->
     r = run_cli("convert", tmp_path / "ckpt.pt", tmp_path / "guess", "--no-progress")
     assert r.code == 0, r.err
     report = json.loads((tmp_path / "guess" / "shardfix-report.json").read_text())
-    assert any("optimizer 0" in w and "--param-names" in w for w in report["warnings"])
-    # optimizer 1 covers 2 of 5 parameters, blocks.0 and blocks.1, of the same shape: its order
-    # need not be the model's, so it is not guessed either
-    assert any("optimizer 1" in w and "blocks.0.weight and blocks.1.weight" in w for w in report["warnings"])
-    assert not list((tmp_path / "guess").glob("optimizer*"))  # never guessed
+    # optimizer 0: three groups of one parameter each; lm_head and embed have the same shape, so
+    # with the groups in any order either could be the head group's: refused, never guessed
+    assert any("optimizer 0" in w and "--param-names" in w and "lm_head.weight or embed.weight" in w
+               for w in report["warnings"])
+    # optimizer 1 is one group over blocks.0 and blocks.1 (the same shape): a group follows the
+    # model's order, so it is named by that rule, and the ledger says so
+    written = load_file(tmp_path / "guess" / "optimizer.safetensors")
+    assert sorted(written) == [f"state.blocks.{i}.weight.momentum_buffer" for i in (0, 1)]
+    for i in (0, 1):
+        assert bits_equal(written[f"state.blocks.{i}.weight.momentum_buffer"],
+                          opts[1].state[model._orig_mod.blocks[i].weight]["momentum_buffer"])
+    entry = next(e for e in report["ledger"] if e["source"] == "optimizers.1.state.1.momentum_buffer")
+    assert "order-preserving" in entry["actions"][0]["rule"] and "blocks.1.weight" in entry["actions"][0]["rule"]
 
     names = tmp_path / "names.json"
     names.write_text(json.dumps([["_orig_mod.lm_head.weight", "embed.weight", "scalars"],

@@ -7,9 +7,11 @@ accelerate FSDP need a stand-in to run on CPU (a strategy subclass; the distribu
 to FSDP): the producer says how, and neither touches the code that writes the files.
 
 The Trainer's and accelerate-without-FSDP's optimizer state has integer ids and their model is
-safetensors, which stores tensors sorted by name, so the model's order is not in the directory:
-those conversions pass ``--param-names`` (the names in the optimizer's group order, as the
-training process had them) until naming by group order lands.
+safetensors, which stores tensors sorted by name: shardfix names the ids by group order against
+the model order a ``config.json`` gives (the Trainer) or against every order the module tree
+allows (accelerate DDP, no config). One test still passes ``--param-names`` (the names in the
+optimizer's group order, as the training process had them), and one passes them in the model's
+order, which must be refused.
 """
 
 from __future__ import annotations
@@ -33,13 +35,13 @@ pytest.importorskip("transformers", reason="the test-stacks extra is not install
 
 pytestmark = pytest.mark.slow
 
-#: layout -> (what shardfix should call it, the files it must list as not converted, --param-names needed)
+#: layout -> (what shardfix should call it, the files it must list as not converted, --param-names passed)
 CASES: dict[str, tuple[str, set[str], bool]] = {
     "lightning-fsdp": ("lightning-fsdp", {"meta.pt"}, False),
     "accelerate-fsdp": ("accelerate", {"random_states_0.pkl", "random_states_1.pkl", "scheduler.bin"}, False),
-    "accelerate-ddp": ("accelerate", {"random_states_0.pkl", "scheduler.bin"}, True),
+    "accelerate-ddp": ("accelerate", {"random_states_0.pkl", "scheduler.bin"}, False),
     "trainer": ("trainer", {"config.json", "generation_config.json", "rng_state.pth", "scheduler.pt",
-                            "trainer_state.json", "training_args.bin"}, True),
+                            "trainer_state.json", "training_args.bin"}, False),
     "trainer-sharded": ("trainer", {"config.json", "generation_config.json", "rng_state.pth", "scheduler.pt",
                                     "trainer_state.json", "training_args.bin", "model.safetensors.index.json"}, True),
     "hf-writer": ("hf-distributed", set(), False),
@@ -116,6 +118,24 @@ def test_stack_converts_bit_exact_with_every_moment(kind: str, produced, tmp_pat
     step = ref["facts"].get("global_step")
     if step is not None:
         assert step in report["findings"]["metadata"].values()
+    if kind in ("trainer", "accelerate-ddp"):  # integer ids, named by group order: the ledger says which rule
+        rules = [a["rule"] for e in report["ledger"] for a in e.get("actions", []) if a["action"] == "rename"
+                 and e["source"].startswith(("optimizer.pt/state.", "optimizer.bin/state."))]
+        assert rules and all("group order" in r for r in rules)
+
+
+def test_trainer_param_names_in_model_order_is_refused(produced, tmp_path: Path) -> None:
+    """The Trainer's ids run decay group then no-decay group; a list in model order puts moments under wrong
+    names, so the shapes catch it: the whole optimizer is refused with the mismatches named."""
+    run = produced("trainer")
+    ref = torch.load(run / "reference.pt", weights_only=True)
+    names = tmp_path / "model_order.json"
+    names.write_text(json.dumps(list(ref["model"])))
+    res = run_cli("convert", run / "ckpt", tmp_path / "out", "--executor", "inline", "--no-progress", "--param-names", names)
+    assert res.code == 0, res.err
+    report = json.loads((tmp_path / "out" / "shardfix-report.json").read_text())
+    assert any("--param-names does not fit the state shapes" in w for w in report["warnings"])
+    assert not list((tmp_path / "out").glob("optimizer*.safetensors"))
 
 
 def _tensor_files(src: Path, kind: str) -> set[str]:

@@ -23,7 +23,8 @@ from shardfix.targets.rules_files import read_key_map
 __all__ = ["PROFILES", "Detection", "Evidence", "Profile", "detect_profile", "splitter_for", "target_config"]
 
 PROFILES: dict[str, Profile] = {
-    m.NAME: Profile(m.NAME, m.DESCRIBE, m.detect, tuple(m.TABLE), tuple(m.ATTENTION), getattr(m, "SPLIT_ALWAYS", False))
+    m.NAME: Profile(m.NAME, m.DESCRIBE, m.detect, tuple(m.TABLE), tuple(m.ATTENTION), getattr(m, "SPLIT_ALWAYS", False),
+               tuple(getattr(m, "OPTIMIZER_GROUPS", ())))
     for m in (megatron, nanogpt_banks, nanogpt_medium, nanogpt_qkvo, nanogpt_qkv, hf, generic)
 }
 

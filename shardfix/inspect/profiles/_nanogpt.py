@@ -13,6 +13,14 @@ from shardfix.reconcile.arch import AttnRule
 #: per-layer parameter vectors of the bank versions: their first dim is the layer count.
 PER_LAYER = ("x0_lambdas", "resid_lambdas", "post_lambdas", "bigram_lambdas")
 
+#: The scripts' Adam groups (docs/formats/core.md): the head, the embeddings (token and value
+#: embeddings), the scalars; the hidden matrices go to Muon. Each param group holds one class.
+OPTIMIZER_GROUPS = (
+    ("head", r"(^|\.)lm_head"),
+    ("embeddings", r"embed"),
+    ("scalars", r"(^|\.)(scalars|skip_weights|[a-z0-9_]*lambdas?)$"),
+)
+
 #: the fused attention tensors of every modded-nanogpt version, for the architecture check.
 ATTENTION = (
     AttnRule(r"(^|\.)attn\.qkv_w$", "qkv"),

@@ -49,6 +49,8 @@ class Profile:
     attention: tuple[AttnRule, ...] = ()
     #: apply ``table`` without ``--split-fused`` (its splits are needed for the model's own names)
     split_always: bool = False
+    #: the training script's optimizer grouping, ``(class, regex)``: each param group holds one class
+    optimizer_groups: tuple[tuple[str, str], ...] = ()
 
 
 def model_shapes(index: SourceIndex) -> dict[str, tuple[int, ...]]:

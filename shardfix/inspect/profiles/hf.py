@@ -88,4 +88,38 @@ def detect(index: SourceIndex) -> Evidence:
     return ev
 
 
-__all__ = ["NAME", "DESCRIBE", "TABLE", "ATTENTION", "detect", "sibling_config"]
+#: Parameter names in the order each architecture declares its modules (``{i}``: a layer index),
+#: by ``config.json``'s ``model_type``. ``named_parameters()`` follows it; safetensors files do not
+#: (their header is sorted by name), so naming integer-keyed optimizer state needs it.
+_LLAMA = (
+    "model.embed_tokens.weight",
+    *(f"model.layers.{{i}}.self_attn.{p}_proj.{w}" for p in "qkvo" for w in ("weight", "bias")),
+    *(f"model.layers.{{i}}.mlp.{p}_proj.{w}" for p in ("gate", "up", "down") for w in ("weight", "bias")),
+    "model.layers.{i}.input_layernorm.weight", "model.layers.{i}.post_attention_layernorm.weight",
+    "model.norm.weight", "lm_head.weight",
+)
+_GPT2 = (
+    "transformer.wte.weight", "transformer.wpe.weight",
+    *(f"transformer.h.{{i}}.{m}.{w}" for m in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
+      for w in ("weight", "bias")),
+    "transformer.ln_f.weight", "transformer.ln_f.bias", "lm_head.weight",
+)
+MODULE_ORDER: dict[str, tuple[str, ...]] = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gpt2": _GPT2}
+
+#: The transformers Trainer's AdamW groups: weight-decay parameters, then the no-decay ones
+#: (biases and norm weights, by the name patterns the Trainer uses).
+OPTIMIZER_GROUPS = (("no-decay", r"bias|layernorm|rmsnorm|(^|\.)norm($|\.)|_norm($|\.)|(^|\.)ln_"),)
+
+
+def declared_order(config: dict[str, Any]) -> tuple[str, tuple[str, ...]] | None:
+    """(architecture, parameter-name templates in declaration order) for a known ``config.json``, or None."""
+    kind = config.get("model_type")
+    order = MODULE_ORDER.get(kind) if isinstance(kind, str) else None
+    if order is None:
+        return None
+    arch = config.get("architectures")
+    return (arch[0] if isinstance(arch, list) and arch else str(kind)), order
+
+
+__all__ = ["NAME", "DESCRIBE", "TABLE", "ATTENTION", "MODULE_ORDER", "OPTIMIZER_GROUPS", "declared_order", "detect",
+           "sibling_config"]

@@ -16,7 +16,7 @@ Which slots are layers and which are padding needs the layer count: from a per-l
 
 from __future__ import annotations
 
-from shardfix.inspect.profiles._nanogpt import ATTENTION, common_facts
+from shardfix.inspect.profiles._nanogpt import ATTENTION, OPTIMIZER_GROUPS, common_facts
 from shardfix.inspect.profiles.base import Evidence, model_shapes, prefix_reason
 from shardfix.reconcile.fused import SplitRule
 from shardfix.sources.base import SourceIndex
@@ -73,4 +73,4 @@ def detect(index: SourceIndex) -> Evidence:
     return ev
 
 
-__all__ = ["NAME", "DESCRIBE", "TABLE", "ATTENTION", "detect"]
+__all__ = ["NAME", "DESCRIBE", "TABLE", "ATTENTION", "OPTIMIZER_GROUPS", "detect"]

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from shardfix.inspect.profiles._nanogpt import ATTENTION, common_facts, mlp_hidden
+from shardfix.inspect.profiles._nanogpt import ATTENTION, OPTIMIZER_GROUPS, common_facts, mlp_hidden
 from shardfix.inspect.profiles.base import Evidence, matching, model_shapes, prefix_reason
 from shardfix.inspect.profiles.nanogpt_qkvo import QKVO_OUTPUTS, storage_variant
 from shardfix.reconcile.fused import SplitRule
@@ -50,4 +50,4 @@ def detect(index: SourceIndex) -> Evidence:
     return ev
 
 
-__all__ = ["NAME", "DESCRIBE", "TABLE", "ATTENTION", "detect"]
+__all__ = ["NAME", "DESCRIBE", "TABLE", "ATTENTION", "OPTIMIZER_GROUPS", "detect"]

@@ -7,7 +7,7 @@ have the true vocab while ``lm_head`` is padded to a multiple of 128.
 
 from __future__ import annotations
 
-from shardfix.inspect.profiles._nanogpt import ATTENTION, common_facts, mlp_hidden
+from shardfix.inspect.profiles._nanogpt import ATTENTION, OPTIMIZER_GROUPS, common_facts, mlp_hidden
 from shardfix.inspect.profiles.base import Evidence, matching, model_shapes, prefix_reason
 from shardfix.reconcile.fused import SplitRule
 from shardfix.sources.base import SourceIndex
@@ -47,4 +47,4 @@ def detect(index: SourceIndex) -> Evidence:
     return ev
 
 
-__all__ = ["NAME", "DESCRIBE", "TABLE", "ATTENTION", "detect"]
+__all__ = ["NAME", "DESCRIBE", "TABLE", "ATTENTION", "OPTIMIZER_GROUPS", "detect"]
