@@ -150,6 +150,8 @@ class ConvertOptions:
     partial_optimizer: bool = _opt(False, "reconcile", "bool", "write partial (one rank's) optimizer slices under explicit names")
     trust_pickle: bool = _opt(False, "reconcile", "bool",
                               "allow full unpickling of torch.save files you trust (runs code in the file)")
+    follow_symlinks: bool = _opt(False, "reconcile", "bool",
+                                 "read files that symlinks inside the checkpoint point to outside it (listed in the report)")
     # run
     executor: str = _opt("auto", "run", "str", choices=EXECUTORS)
     workers: int | None = _opt(None, "run", "int", "parallel tasks (default: CPUs)")

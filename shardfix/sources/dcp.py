@@ -29,6 +29,7 @@ from shardfix.dtypes import itemsize, numel, st_name, torch_dtype
 from shardfix.errors import BadInputError, IncompleteSourceError, ShardfixError
 from shardfix.io import st_header
 from shardfix.io.preads import fill, pread_upto, read_exact
+from shardfix.io.regular import open_regular
 from shardfix.io.safe_pickle import is_weights_only_refusal, load_metadata_pickle, refused_global
 from shardfix.io.zipdir import check_zip_record
 from shardfix.sources import fastrecord
@@ -239,11 +240,7 @@ class DcpSource:
         with self._lock:
             fd = self._fds.get(rel)
             if fd is None:
-                try:
-                    fd = os.open(self.path / rel, os.O_RDONLY)
-                except OSError as e:
-                    raise IncompleteSourceError(f"{self.path / rel}: cannot open ({e.strerror})") from e
-                self._fds[rel] = fd
+                fd = self._fds[rel] = open_regular(self.path / rel)
             return fd
 
     def _read(self, chunk: Chunk, key: str) -> bytearray:

@@ -23,6 +23,7 @@ import torch
 from shardfix.dtypes import torch_dtype
 from shardfix.errors import BadInputError, IncompleteSourceError
 from shardfix.io.preads import fill
+from shardfix.io.regular import open_regular
 from shardfix.sources.base import ByteRange, Chunk, SourceIndex, TensorEntry
 from shardfix.sources.safetensors_src import read_header
 from shardfix.sources.tiling import check_tiling
@@ -126,10 +127,7 @@ class HfDistributedSource:
     def _fd(self, rel: str) -> int:
         fd = self._fds.get(rel)
         if fd is None:
-            try:
-                fd = self._fds[rel] = os.open(self.path / rel, os.O_RDONLY)
-            except OSError as e:
-                raise IncompleteSourceError(f"{self.path / rel}: cannot open ({e.strerror})") from e
+            fd = self._fds[rel] = open_regular(self.path / rel)
         return fd
 
     def _entry(self, key: str) -> TensorEntry:

@@ -17,6 +17,7 @@ import torch
 
 from shardfix.dtypes import st_name
 from shardfix.errors import BadInputError, UnsafeInputError
+from shardfix.io.regular import check_regular
 from shardfix.io.safe_pickle import is_weights_only_refusal, refused_global
 from shardfix.sources.base import ObjectEntry, PathPart, SourceIndex, TensorEntry, join_key
 
@@ -49,6 +50,7 @@ def open(path: Path, trust_pickle: bool = False) -> TorchSaveSource:  # noqa: A0
 def load_torch_file(path: Path, trust_pickle: bool = False) -> tuple[Any, list[str]]:
     """Load a torch.save file lazily and safely; return the object and notes about how."""
     notes: list[str] = []
+    check_regular(path)
     try:
         is_zip = zipfile.is_zipfile(path)
     except OSError as e:
