@@ -54,6 +54,8 @@ def parse_size(text: str | int, flag: str = "--max-shard-size") -> int:
 EXECUTORS = ("auto", "ray", "inline")
 DEVICES = ("cpu", "cuda")
 GROW_INITS = ("mean", "zeros")
+#: Largest --vocab-size accepted (no tokenizer comes near; a larger number is a typo).
+MAX_VOCAB = 1 << 31
 DTYPES = tuple(CAST_CHOICES)
 
 Group = Literal["reconcile", "run"]
@@ -176,8 +178,8 @@ class ConvertOptions:
                 raise BadInputError(f"{o.flag}: {value!r} is not one of {', '.join(o.choices)}")
         if self.workers is not None and self.workers < 1:
             raise BadInputError(f"--workers: must be at least 1, got {self.workers}")
-        if self.vocab_size is not None and self.vocab_size < 1:
-            raise BadInputError(f"--vocab-size: must be positive, got {self.vocab_size}")
+        if self.vocab_size is not None and not 1 <= self.vocab_size <= MAX_VOCAB:
+            raise BadInputError(f"--vocab-size: must be between 1 and {MAX_VOCAB:,}, got {self.vocab_size}")
         if self.trainable is not None:
             try:
                 re.compile(self.trainable)

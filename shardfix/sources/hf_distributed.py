@@ -24,8 +24,8 @@ from shardfix.dtypes import torch_dtype
 from shardfix.errors import BadInputError, IncompleteSourceError
 from shardfix.io.preads import fill
 from shardfix.io.regular import open_regular
+from shardfix.io.st_header import read_header
 from shardfix.sources.base import ByteRange, Chunk, SourceIndex, TensorEntry
-from shardfix.sources.safetensors_src import read_header
 from shardfix.sources.tiling import check_tiling
 
 NAME = "hf-distributed"
@@ -56,8 +56,8 @@ def open(path: Path, trust_pickle: bool = False) -> HfDistributedSource:  # noqa
     return HfDistributedSource(path)
 
 
-def _sharding_info(file: Path, header: dict[str, Any]) -> dict[str, Any]:
-    raw = (header.get("__metadata__") or {}).get(SHARDING_KEY)
+def _sharding_info(file: Path, metadata: dict[str, str] | None) -> dict[str, Any]:
+    raw = (metadata or {}).get(SHARDING_KEY)
     if raw is None:
         raise BadInputError(f"{file}: a shard-*.safetensors file without {SHARDING_KEY} in its metadata; it was not "
                             "written by HuggingFaceStorageWriter(save_distributed=True) -- pass a directory of such shards")
@@ -99,19 +99,14 @@ class HfDistributedSource:
         dtypes: dict[str, tuple[str, Path]] = {}
         for _, f in files:
             header = read_header(f)
-            info = _sharding_info(f, header)
-            base = header["__data_start__"]
-            for name, meta in header.items():
-                if name.startswith("__"):
-                    continue
-                sizes = tuple(int(s) for s in meta["shape"])
-                offs = _offsets(f, name, info, len(sizes))
-                start, end = meta["data_offsets"]
-                if name in dtypes and dtypes[name][0] != meta["dtype"]:
+            info = _sharding_info(f, header.metadata)
+            for name, meta in header.tensors.items():  # every tensor, whatever its name (only __metadata__ is not one)
+                offs = _offsets(f, name, info, len(meta.shape))
+                if name in dtypes and dtypes[name][0] != meta.dtype:
                     raise IncompleteSourceError(f"{path}: {name} is {dtypes[name][0]} in {dtypes[name][1].name} but "
-                                                f"{meta['dtype']} in {f.name}; the shards come from different saves")
-                dtypes.setdefault(name, (meta["dtype"], f))
-                boxes.setdefault(name, []).append(Chunk(offs, sizes, f.name, base + start, end - start))
+                                                f"{meta.dtype} in {f.name}; the shards come from different saves")
+                dtypes.setdefault(name, (meta.dtype, f))
+                boxes.setdefault(name, []).append(Chunk(offs, meta.shape, f.name, header.data_start + meta.start, meta.nbytes))
         entries = []
         for name, chunks in boxes.items():
             shape = tuple(max(c.offsets[d] + c.sizes[d] for c in chunks) for d in range(len(chunks[0].sizes)))
