@@ -62,7 +62,7 @@ def zstd_bomb_dcp(path: Path, expanded: int = 2 << 30) -> Path:
     """A DCP whose one record is a zstd frame expanding to ``expanded`` zero bytes; its box is 1 KiB."""
     import zstandard
 
-    cctx = zstandard.ZstdCompressor(level=3)
+    cctx = zstandard.ZstdCompressor(level=1)
     out = io.BytesIO()
     with cctx.stream_writer(out, closefd=False) as w:
         block = bytes(1 << 24)
@@ -77,7 +77,7 @@ def stride0_dcp(path: Path, rows: int = 1 << 18, cols: int = 1024) -> Path:
     return write_dcp(path, "w", (rows, cols), [((0, 0), (rows, cols))], _record(t))
 
 
-def memo_chunk_metadata(path: Path, tensors: int = 1000, per_tensor: int = 1000) -> Path:
+def memo_chunk_metadata(path: Path, tensors: int = 200, per_tensor: int = 10_000) -> Path:
     """A ``.metadata`` where every tensor references the same memoised list of ``per_tensor`` chunks."""
     path.mkdir(parents=True, exist_ok=True)
     rec = _record(torch.zeros(1))
@@ -94,7 +94,7 @@ def memo_chunk_metadata(path: Path, tensors: int = 1000, per_tensor: int = 1000)
 
 def deflated_pickle_pt(path: Path, expanded: int = 2 << 30) -> Path:
     """A ``.pt`` zip whose ``data.pkl`` member is deflated from ``expanded`` bytes (a pickle of one long string)."""
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as z:
         with z.open("archive/data.pkl", "w", force_zip64=True) as f:
             f.write(b"\x80\x02X" + struct.pack("<I", min(expanded - 8, 0xFFFFFFFF)))
             block = b"A" * (1 << 24)
