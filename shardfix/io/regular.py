@@ -104,6 +104,8 @@ def scan_checkpoint(src: Path | str, follow_symlinks: bool = False) -> list[str]
     top = Path(src)
     try:
         st = os.stat(top)
+    except FileNotFoundError:
+        return []  # the caller says "no such file or directory"
     except OSError as e:
         raise BadInputError(f"{top}: cannot read ({e.strerror})") from e
     if not stat.S_ISDIR(st.st_mode):
@@ -118,21 +120,21 @@ def scan_checkpoint(src: Path | str, follow_symlinks: bool = False) -> list[str]
             entries = list(os.scandir(d))
         except OSError as e:
             raise BadInputError(f"{d}: cannot list ({e.strerror})") from e
-        for e in entries:
+        for entry in entries:
             seen += 1
             if seen > MAX_ENTRIES:
                 raise BadInputError(f"{top}: holds over {MAX_ENTRIES:,} files; pass the checkpoint directory itself, "
                                     "not a directory above it")
-            p = Path(e.path)
-            if e.is_symlink():
+            p = Path(entry.path)
+            if entry.is_symlink():
                 note = _check_link(p, root, follow_symlinks)
                 if note:
                     notes.append(note)
                 continue  # a link is checked, never descended into (no loops, no second walk)
-            if e.is_dir(follow_symlinks=False):
+            if entry.is_dir(follow_symlinks=False):
                 stack.append(p)
                 continue
-            mode = e.stat(follow_symlinks=False).st_mode
+            mode = entry.stat(follow_symlinks=False).st_mode
             if not stat.S_ISREG(mode):
                 raise _refuse_kind(p, mode)
     return notes

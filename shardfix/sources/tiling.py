@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from array import array
+from typing import Literal
 
 from shardfix.dtypes import numel
 from shardfix.errors import IncompleteSourceError
@@ -41,10 +42,9 @@ def check_tiling(key: str, shape: tuple[int, ...], chunks: list[Chunk]) -> None:
     expected = numel(shape)
     nonempty = [c for c in chunks if c.numel]
     if shape:
-        pair = _grid_overlap(shape, nonempty)
-        if pair is None:
-            pair = _sweep_overlap(nonempty)
-        if pair:
+        found = _grid_overlap(shape, nonempty)
+        pair = _sweep_overlap(nonempty) if found is None else found
+        if pair is not False:
             a, b = pair
             raise IncompleteSourceError(
                 f"{key}: chunks at offsets {list(a.offsets)} and {list(b.offsets)} overlap; "
@@ -59,7 +59,7 @@ def check_tiling(key: str, shape: tuple[int, ...], chunks: list[Chunk]) -> None:
         )
 
 
-def _grid_overlap(shape: tuple[int, ...], boxes: list[Chunk]) -> tuple[Chunk, Chunk] | bool | None:
+def _grid_overlap(shape: tuple[int, ...], boxes: list[Chunk]) -> tuple[Chunk, Chunk] | Literal[False] | None:
     """Two overlapping boxes, False when none overlap, or None when the edge grid is too fine to use."""
     if len(boxes) < 2:
         return False
@@ -85,7 +85,7 @@ def _grid_overlap(shape: tuple[int, ...], boxes: list[Chunk]) -> tuple[Chunk, Ch
     return False
 
 
-def _sweep_overlap(boxes: list[Chunk]) -> tuple[Chunk, Chunk] | bool:
+def _sweep_overlap(boxes: list[Chunk]) -> tuple[Chunk, Chunk] | Literal[False]:
     """Two overlapping boxes or False: each box against those whose dim-0 rows start inside its own."""
     ordered = sorted(boxes, key=lambda c: c.offsets)
     for i, a in enumerate(ordered):
