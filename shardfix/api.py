@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 def load_index(src: str | Path, opts: ConvertOptions | None = None) -> SourceIndex:
     """Open a checkpoint and return its metadata index (no tensor data read)."""
-    source = open_checkpoint(src, trust_pickle=bool(opts and opts.trust_pickle))
+    source = open_checkpoint(src, trust_pickle=bool(opts and opts.trust_pickle),
+                             follow_symlinks=bool(opts and opts.follow_symlinks))
     try:
         return _logged_index(source)
     finally:
@@ -75,7 +76,7 @@ def inspect_source(src: str | Path, opts: ConvertOptions | None = None, *, profi
     from shardfix.inspect import add_evidence_lines, inspect_index
 
     opts = opts or ConvertOptions()
-    source = open_checkpoint(src, trust_pickle=opts.trust_pickle)
+    source = open_checkpoint(src, trust_pickle=opts.trust_pickle, follow_symlinks=opts.follow_symlinks)
     try:
         index = _logged_index(source)
         info = inspect_index(index, profile, target_config)
@@ -122,7 +123,8 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions | None = None
     opts = opts or ConvertOptions()
     out = Path(out)
     t0 = time.perf_counter()
-    source = open_checkpoint(src, trust_pickle=opts.trust_pickle)  # opened once for the plan and the evidence
+    # opened once for the plan and the evidence
+    source = open_checkpoint(src, trust_pickle=opts.trust_pickle, follow_symlinks=opts.follow_symlinks)
     try:
         plan = plan_conversion(src, opts, source=source)
         add_evidence(plan, source)

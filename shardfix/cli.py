@@ -7,13 +7,13 @@ fix); 1 internal failure.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from typing import Any, NoReturn
 
 from shardfix.errors import ReconcileConflictError, ShardfixError
+from shardfix.io.text import EscapingFormatter, cap_message, printable, strict_json
 from shardfix.options import OPTION_BY_NAME, OPTIONS, ConvertOptions, Option
 from shardfix.version import __version__
 
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(p, OPTION_BY_NAME["target_config"], help="HF config.json giving heads and head_dim")
     add_option(p, OPTION_BY_NAME["profile"])
     add_option(p, OPTION_BY_NAME["trust_pickle"])
+    add_option(p, OPTION_BY_NAME["follow_symlinks"])
     p.add_argument("--no-evidence", action="store_true",
                    help="metadata only: do not read embedding moments and small vectors for evidence")
 
@@ -115,21 +116,14 @@ def _options(args: argparse.Namespace) -> ConvertOptions:
     return ConvertOptions(**kw)
 
 
-_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if chr(c) not in "\n\t"}
-
-
-def printable(text: str) -> str:
-    """Escape control characters (a crafted key or global name must not drive the terminal)."""
-    return text.translate(_CONTROL)
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
     from shardfix.api import inspect_source
     from shardfix.inspect import format_inspection
 
-    info = inspect_source(args.src, ConvertOptions(trust_pickle=args.trust_pickle), profile=args.profile,
-                          target_config=args.target_config, evidence=not args.no_evidence)
-    print(json.dumps(info, indent=2, default=str) if args.json else format_inspection(info))
+    opts = ConvertOptions(trust_pickle=args.trust_pickle, follow_symlinks=args.follow_symlinks)
+    info = inspect_source(args.src, opts, profile=args.profile, target_config=args.target_config,
+                          evidence=not args.no_evidence)
+    print(strict_json(info) if args.json else printable(format_inspection(info)))
     if info["architecture"].get("problems"):
         raise ReconcileConflictError(info["architecture"]["problems"])
     return 0
@@ -139,7 +133,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from shardfix.api import plan_conversion
 
     plan = plan_conversion(args.src, _options(args))
-    print(json.dumps(plan.to_dict(), indent=2, default=str) if args.json else plan.summary())
+    print(strict_json(plan.to_dict()) if args.json else printable(plan.summary()))
     return 0
 
 
@@ -159,7 +153,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             raise ShardfixError("convert needs SRC and OUT (or --job FILE)")
         src, out, opts = args.src, args.out, _options(args)
     report = convert(src, out, opts)
-    print(summarize(report))
+    print(printable(summarize(report)))
     print(f"wrote {out}")
     return 0
 
@@ -169,7 +163,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     problems, stats = verify_output(args.out, args.against, trust_pickle=args.trust_pickle)
     if args.json:
-        print(json.dumps({"ok": not problems, "problems": problems, **stats}, indent=2))
+        print(strict_json({"ok": not problems, "problems": problems, **stats}))
     else:
         for p in problems:
             print(f"problem: {printable(p)}")
@@ -209,7 +203,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     info = jobs.job_info(args.job_id, args.address)
     if args.json:
-        print(json.dumps(info, indent=2, default=str))
+        print(strict_json(info))
     else:
         _print_status(info)
     return 0
@@ -240,14 +234,15 @@ COMMANDS = {"inspect": cmd_inspect, "plan": cmd_plan, "convert": cmd_convert, "v
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="shardfix: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr)
+    for h in logging.getLogger().handlers:  # log lines carry key names: escape them like every other output
+        h.setFormatter(EscapingFormatter("shardfix: %(message)s"))
     for noisy in ("ray", "filelock", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command](args)
     except ShardfixError as e:
-        print(f"shardfix: error: {printable(str(e))}", file=sys.stderr)
+        print(f"shardfix: error: {printable(cap_message(str(e)))}", file=sys.stderr)
         return e.exit_code
     except BrokenPipeError:  # the reader (e.g. `| head`) stopped reading: not an error
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -259,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # an internal failure: exit 1, traceback only when asked
         if args.verbose or os.environ.get("SHARDFIX_DEBUG"):
             raise
-        print(f"shardfix: internal error: {type(e).__name__}: {printable(str(e))} (rerun with -v for the traceback; "
+        print(f"shardfix: internal error: {type(e).__name__}: {printable(cap_message(str(e)))} (rerun with -v for the traceback; "
               "please report it)", file=sys.stderr)
         return 1
 

@@ -54,6 +54,8 @@ def parse_size(text: str | int, flag: str = "--max-shard-size") -> int:
 EXECUTORS = ("auto", "ray", "inline")
 DEVICES = ("cpu", "cuda")
 GROW_INITS = ("mean", "zeros")
+#: Largest --vocab-size accepted (no tokenizer comes near; a larger number is a typo).
+MAX_VOCAB = 1 << 31
 DTYPES = tuple(CAST_CHOICES)
 
 Group = Literal["reconcile", "run"]
@@ -154,6 +156,8 @@ class ConvertOptions:
     partial_optimizer: bool = _opt(False, "reconcile", "bool", "write partial (one rank's) optimizer slices under explicit names")
     trust_pickle: bool = _opt(False, "reconcile", "bool",
                               "allow full unpickling of torch.save files you trust (runs code in the file)")
+    follow_symlinks: bool = _opt(False, "reconcile", "bool",
+                                 "read files that symlinks inside the checkpoint point to outside it (listed in the report)")
     # run
     executor: str = _opt("auto", "run", "str", choices=EXECUTORS)
     workers: int | None = _opt(None, "run", "int", "parallel tasks (default: CPUs)")
@@ -183,8 +187,8 @@ class ConvertOptions:
                 raise BadInputError(f"{o.flag}: {value!r} is not one of {', '.join(o.choices)}")
         if self.workers is not None and self.workers < 1:
             raise BadInputError(f"--workers: must be at least 1, got {self.workers}")
-        if self.vocab_size is not None and self.vocab_size < 1:
-            raise BadInputError(f"--vocab-size: must be positive, got {self.vocab_size}")
+        if self.vocab_size is not None and not 1 <= self.vocab_size <= MAX_VOCAB:
+            raise BadInputError(f"--vocab-size: must be between 1 and {MAX_VOCAB:,}, got {self.vocab_size}")
         if self.trainable is not None:
             try:
                 re.compile(self.trainable)

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from shardfix.errors import BadInputError, UnsafeInputError
+from shardfix.io.regular import check_regular
 
 MAX_METADATA_BYTES = 1 << 30
 
@@ -201,10 +202,7 @@ def load_metadata_pickle(path: pathlib.Path) -> Any:
         UnsafeInputError: the pickle references any other global.
         BadInputError: the file is too large, truncated or not a pickle.
     """
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise BadInputError(f"{path}: cannot read ({e.strerror})") from e
+    size = check_regular(path).st_size
     if size > MAX_METADATA_BYTES:
         raise BadInputError(
             f"{path}: {size} bytes is far larger than any DCP metadata file; refusing to load it"

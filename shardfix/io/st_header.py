@@ -26,6 +26,7 @@ from typing import NamedTuple, Protocol
 from shardfix.dtypes import ST_TO_TORCH, numel
 from shardfix.errors import BadInputError
 from shardfix.io.preads import pread_upto
+from shardfix.io.regular import open_regular
 
 #: Largest header accepted (the safetensors library's own limit is 100 MB).
 MAX_HEADER = 100 * 1024 * 1024
@@ -104,10 +105,7 @@ def read_header(path: Path) -> Header:
     Raises:
         BadInputError: the file cannot be read or its header is malformed (see :func:`parse`).
     """
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as e:
-        raise BadInputError(f"{path}: cannot read ({e.strerror})") from e
+    fd = open_regular(path)
     try:
         return read_header_fd(fd, path)
     finally:

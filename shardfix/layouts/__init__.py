@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from shardfix.errors import BadInputError
+from shardfix.io.regular import scan_checkpoint
 from shardfix.layouts import accelerate, lightning, trainer
 from shardfix.sources import FORMATS, Source, detect_format, open_source
 
@@ -67,15 +68,27 @@ def detect_checkpoint(path: str | Path) -> str:
     raise BadInputError(f"{p}: not a checkpoint shardfix can read ({what}shardfix reads {kinds})")
 
 
-def open_checkpoint(path: str | Path, format: str | None = None, *, trust_pickle: bool = False) -> Source:
+def open_checkpoint(path: str | Path, format: str | None = None, *, trust_pickle: bool = False,
+                    follow_symlinks: bool = False) -> Source:
     """Open the logical checkpoint at ``path``: a training-stack layout or a plain file format.
+
+    Before any reader opens a file, :func:`shardfix.io.regular.scan_checkpoint` checks that every
+    file is a regular file inside ``path`` (see that module); the symlinks ``follow_symlinks``
+    let it follow out of ``path`` are listed in the index's notes. Executors reopen a checkpoint
+    by ``format`` after the first open scanned it; the readers' own opens still refuse
+    non-regular files.
 
     Args:
         path: the checkpoint file or directory.
         format: a layout or format name (as a report records it), or None to detect.
         trust_pickle: let torch.save files be fully unpickled (runs code in the file).
+        follow_symlinks: read files that symlinks inside ``path`` point to outside it.
     """
+    notes = scan_checkpoint(path, follow_symlinks) if format is None else []
     name = format or detect_checkpoint(path)
     if name in REGISTRY:
-        return REGISTRY[name].open(Path(path), trust_pickle=trust_pickle)
-    return open_source(path, name, trust_pickle=trust_pickle)
+        source = REGISTRY[name].open(Path(path), trust_pickle=trust_pickle)
+    else:
+        source = open_source(path, name, trust_pickle=trust_pickle)
+    source.index.notes.extend(notes)
+    return source

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from shardfix.io.regular import is_regular
+
 #: Files a layout never converts, by name pattern, with the reason shown in the report.
 KNOWN_REASONS: tuple[tuple[str, str], ...] = (
     (r"^random_states_\d+\.pkl$", "RNG states (a pickle; not read: unpickling runs code)"),
@@ -48,6 +50,8 @@ def not_converted(root: Path, claimed: set[str]) -> list[dict[str, str]]:
 
 def json_facts(path: Path, fields: tuple[str, ...]) -> dict[str, Any]:
     """The named scalar fields of a JSON object file (missing or unreadable: none)."""
+    if not is_regular(path):
+        return {}
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -63,6 +67,8 @@ def torch_facts(path: Path, fields: tuple[str, ...]) -> tuple[dict[str, Any], st
     Returns:
         The facts, and a note when the file could not be read safely (its facts are then absent).
     """
+    if not is_regular(path):
+        return {}, f"{path.name}: not a regular file; not read"
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses arbitrary objects (e.g. hparams holding a class)

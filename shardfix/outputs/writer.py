@@ -32,6 +32,7 @@ from shardfix.dtypes import itemsize, numel, st_name
 from shardfix.errors import IncompleteSourceError, InternalError, OutputError
 from shardfix.io.preads import fill, fill_upto
 from shardfix.io.st_header import build_header
+from shardfix.io.text import strict_value
 from shardfix.sources.base import ByteRange
 
 HASH_NAME = "xxh3_64"
@@ -362,7 +363,7 @@ def write_json_atomic(path: Path, obj: object) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with tmp.open("w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
+            json.dump(strict_value(obj), f, indent=2, sort_keys=False, allow_nan=False)  # strict JSON: no NaN
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())

@@ -18,6 +18,7 @@ from shardfix.options import ConvertOptions
 from shardfix.outputs import get_layout
 from shardfix.plan.companions import plan_companions
 from shardfix.plan.context import PlanContext
+from shardfix.plan.guards import check_output_names, size_warnings
 from shardfix.plan.model import apply_profile, fix_shapes, model_outputs, name_model_tensors, split_fused, wanted_shapes
 from shardfix.plan.optimizer import mark_partial_rows, plan_optimizer
 from shardfix.plan.types import (
@@ -65,6 +66,8 @@ def build_plan(
     files = (assign_files(model_out, MODEL, budget) + assign_files(optim.out, OPTIMIZER, budget)
              + assign_files(comp_out, COMPANIONS, budget))
     mark_partial_rows(files, optim.partial)
+    check_output_names(files)
+    ctx.warnings.extend(size_warnings(files, index.total_bytes))
     _vocab_hint(ctx)
     return Plan(
         source={"path": str(index.path), "format": index.format, "files": [str(p) for p in index.files],

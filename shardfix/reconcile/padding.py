@@ -24,6 +24,9 @@ from typing import Any
 from shardfix.reconcile import ops as O
 
 MAX_WORLD = 4096
+#: ``--allow-grow`` never grows a dim past ``MAX_GROW_FACTOR * rows + MAX_GROW_SLACK`` (a wrong target, not a vocab).
+MAX_GROW_FACTOR = 4
+MAX_GROW_SLACK = 1024
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -109,6 +112,9 @@ def reconcile_shape(
                 return problem + f" (dim {d} would grow {src} -> {dst}; only a vocab dim may grow)"
             if not allow_grow:
                 return problem + f" (dim {d} would grow {src} -> {dst}; pass --allow-grow to add rows)"
+            if dst > MAX_GROW_FACTOR * src + MAX_GROW_SLACK:
+                return problem + (f" (dim {d} would grow {src} -> {dst}: more than {MAX_GROW_FACTOR}x the checkpoint's "
+                                  "rows is not a vocab that grew; check --vocab-size / the target)")
             return ShapeFix(
                 [O.grow(d, dst, grow_init)],
                 [{"action": "grow", "rule": "vocab", "dim": d, "from": list(shape), "to": list(target), "init": grow_init}],

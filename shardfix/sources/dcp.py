@@ -29,11 +29,13 @@ from shardfix.dtypes import itemsize, numel, st_name, torch_dtype
 from shardfix.errors import BadInputError, IncompleteSourceError, ShardfixError
 from shardfix.io import st_header
 from shardfix.io.preads import fill, pread_upto, read_exact
+from shardfix.io.regular import open_regular
 from shardfix.io.safe_pickle import is_weights_only_refusal, load_metadata_pickle, refused_global
 from shardfix.io.zipdir import check_zip_record
 from shardfix.sources import fastrecord
 from shardfix.sources.base import ByteRange, Chunk, MemberCheck, ObjectEntry, SourceIndex, TensorEntry
-from shardfix.sources.records import decode_record
+from shardfix.sources.dcp_bounds import check_chunk_count
+from shardfix.sources.records import decode_record, is_zstd, record_limit
 from shardfix.sources.tiling import check_tiling
 
 NAME = "dcp"
@@ -85,6 +87,7 @@ class DcpSource:
                 "finish or the metadata was not copied -- copy the whole checkpoint directory"
             )
         metas = [load_metadata_pickle(p) for p in md_files]
+        check_chunk_count(md_files, metas)
         where = md_files[0] if len(md_files) == 1 else path
         try:
             self.index = self._build_index(md_files, metas)
@@ -230,8 +233,15 @@ class DcpSource:
         for c in chunks:
             if c.file is None or c.transforms or not c.numel or c.length >= c.numel * itemsize(dtype):
                 continue
-            if self._safetensors_header(c.file) is None:
-                self.read_chunk(TensorEntry(key, (key,), dtype, shape, tuple(chunks)), c)
+            if self._safetensors_header(c.file) is not None or is_zstd(pread_upto(self._fd(c.file), c.byte_offset, 4), ()):
+                continue  # checked when read (a compressed record is never expanded to learn its size)
+            origin = self.path / c.file
+            t = decode_record(self._read(c, key), (), origin, key)  # as stored: a stride-0 record stays small
+            if t.dtype != torch_dtype(dtype) or tuple(t.shape) != c.sizes:
+                raise IncompleteSourceError(
+                    f"{origin}: record for {key} at {list(c.offsets)} holds {t.dtype} {list(t.shape)} but the metadata "
+                    f"says {torch_dtype(dtype)} {list(c.sizes)}; the checkpoint is corrupt or its files come from "
+                    "different saves")
 
     # -- reading ----------------------------------------------------------------------
 
@@ -239,11 +249,7 @@ class DcpSource:
         with self._lock:
             fd = self._fds.get(rel)
             if fd is None:
-                try:
-                    fd = os.open(self.path / rel, os.O_RDONLY)
-                except OSError as e:
-                    raise IncompleteSourceError(f"{self.path / rel}: cannot open ({e.strerror})") from e
-                self._fds[rel] = fd
+                fd = self._fds[rel] = open_regular(self.path / rel)
             return fd
 
     def _read(self, chunk: Chunk, key: str) -> bytearray:
@@ -265,7 +271,7 @@ class DcpSource:
                 t = fastrecord.read_tensor(self._fd(chunk.file or ""), chunk.byte_offset, chunk.length, dtype, chunk.sizes)
             if t is None:
                 raw = self._read(chunk, entry.key)
-                t = decode_record(raw, chunk.transforms, origin, entry.key)
+                t = decode_record(raw, chunk.transforms, origin, entry.key, record_limit(chunk.numel * dtype.itemsize))
         assert t is not None  # every branch above reads the chunk or raises
         if t.dtype != dtype or tuple(t.shape) != chunk.sizes:
             raise IncompleteSourceError(

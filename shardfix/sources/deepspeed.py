@@ -34,6 +34,7 @@ import torch
 from shardfix.dtypes import st_name
 from shardfix.errors import BadInputError
 from shardfix.io.preads import fill
+from shardfix.io.regular import check_regular, open_regular
 from shardfix.sources.base import ByteRange, ObjectEntry, PathPart, SourceIndex, StoredEntry, TensorEntry, join_key
 from shardfix.sources.deepspeed_build import build_logical
 from shardfix.sources.deepspeed_pickle import Inert, Stored, load_tree, plain
@@ -57,6 +58,7 @@ def _latest(path: Path) -> Path | None:
     latest = path / "latest"
     if not latest.is_file():
         return None
+    check_regular(latest)
     try:
         tag = latest.read_text(encoding="utf-8", errors="replace").strip()[:256]
     except OSError as e:
@@ -266,10 +268,7 @@ class DeepSpeedSource:
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
         if fd is None:
-            try:
-                fd = self._fds[path] = os.open(path, os.O_RDONLY)
-            except OSError as e:
-                raise BadInputError(f"{path}: cannot read ({e.strerror})") from e
+            fd = self._fds[path] = open_regular(path)
         return fd
 
     def byte_ranges(self, key: str) -> list[ByteRange] | None:

@@ -34,6 +34,7 @@ import torch
 from shardfix.errors import BadInputError, UnsafeInputError
 from shardfix.io import zipdir
 from shardfix.io.preads import pread_upto
+from shardfix.io.regular import open_regular
 from shardfix.sources import fastrecord as fr
 
 _SCALARS = (str, int, float, bool, type(None))
@@ -159,10 +160,9 @@ def load_tree(path: Path) -> Any:
         UnsafeInputError: the pickle references a global outside the allowlist.
         BadInputError: the file is missing, not a plain torch.save zip, or malformed.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as e:
-        raise BadInputError(f"{path}: cannot read ({e.strerror}); the DeepSpeed checkpoint is incomplete") from e
+    if not os.path.exists(path):
+        raise BadInputError(f"{path}: missing; the DeepSpeed checkpoint is incomplete")
+    fd = open_regular(path)
     try:
         return _load(fd, path)
     finally:

@@ -23,7 +23,8 @@ import torch
 from shardfix.dtypes import torch_dtype
 from shardfix.errors import BadInputError, IncompleteSourceError
 from shardfix.io.preads import fill
-from shardfix.io.st_header import Header, read_header
+from shardfix.io.regular import open_regular
+from shardfix.io.st_header import read_header
 from shardfix.sources.base import ByteRange, Chunk, ObjectEntry, SourceIndex, TensorEntry
 from shardfix.sources.tiling import check_tiling
 
@@ -55,8 +56,8 @@ def open(path: Path, trust_pickle: bool = False) -> HfDistributedSource:  # noqa
     return HfDistributedSource(path)
 
 
-def _sharding_info(file: Path, header: Header) -> dict[str, Any]:
-    raw = (header.metadata or {}).get(SHARDING_KEY)
+def _sharding_info(file: Path, metadata: dict[str, str] | None) -> dict[str, Any]:
+    raw = (metadata or {}).get(SHARDING_KEY)
     if raw is None:
         raise BadInputError(f"{file}: a shard-*.safetensors file without {SHARDING_KEY} in its metadata; it was not "
                             "written by HuggingFaceStorageWriter(save_distributed=True) -- pass a directory of such shards")
@@ -98,15 +99,14 @@ class HfDistributedSource:
         dtypes: dict[str, tuple[str, Path]] = {}
         for _, f in files:
             header = read_header(f)
-            info = _sharding_info(f, header)
-            for name, meta in header.tensors.items():
-                sizes = meta.shape
-                offs = _offsets(f, name, info, len(sizes))
+            info = _sharding_info(f, header.metadata)
+            for name, meta in header.tensors.items():  # every tensor, whatever its name (only __metadata__ is not one)
+                offs = _offsets(f, name, info, len(meta.shape))
                 if name in dtypes and dtypes[name][0] != meta.dtype:
                     raise IncompleteSourceError(f"{path}: {name} is {dtypes[name][0]} in {dtypes[name][1].name} but "
                                                 f"{meta.dtype} in {f.name}; the shards come from different saves")
                 dtypes.setdefault(name, (meta.dtype, f))
-                boxes.setdefault(name, []).append(Chunk(offs, sizes, f.name, header.data_start + meta.start, meta.nbytes))
+                boxes.setdefault(name, []).append(Chunk(offs, meta.shape, f.name, header.data_start + meta.start, meta.nbytes))
         entries: list[TensorEntry | ObjectEntry] = []
         for name, chunks in boxes.items():
             shape = tuple(max(c.offsets[d] + c.sizes[d] for c in chunks) for d in range(len(chunks[0].sizes)))
@@ -122,10 +122,7 @@ class HfDistributedSource:
     def _fd(self, rel: str) -> int:
         fd = self._fds.get(rel)
         if fd is None:
-            try:
-                fd = self._fds[rel] = os.open(self.path / rel, os.O_RDONLY)
-            except OSError as e:
-                raise IncompleteSourceError(f"{self.path / rel}: cannot open ({e.strerror})") from e
+            fd = self._fds[rel] = open_regular(self.path / rel)
         return fd
 
     def _entry(self, key: str) -> TensorEntry:
@@ -145,7 +142,7 @@ class HfDistributedSource:
             for dim, (o, s) in enumerate(zip(c.offsets, c.sizes, strict=True)):
                 view = view.narrow(dim, o, s)
             part = view if view.is_contiguous() else torch.empty(c.sizes, dtype=dtype)
-            dest = part.reshape(-1).view(torch.uint8).numpy().data
+            dest = memoryview(part.reshape(-1).view(torch.uint8).numpy())
             if len(dest) != c.length:
                 raise IncompleteSourceError(f"{self.path / (c.file or '')}: {key} holds {c.length} bytes, its box "
                                             f"{list(c.sizes)} needs {len(dest)}; the file is corrupt")

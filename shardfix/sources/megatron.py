@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 import torch
 
 from shardfix.errors import BadInputError
+from shardfix.io.regular import is_regular
 from shardfix.sources import dcp
 from shardfix.sources.base import ObjectEntry, PathPart, SourceIndex, TensorEntry
 from shardfix.sources.megatron_common import load_common
@@ -55,6 +56,8 @@ DP_RESHARDABLE_NOTE = (
 
 
 def _backend(path: Path) -> str | None:
+    if not is_regular(path / "metadata.json"):
+        return None
     try:
         data = json.loads((path / "metadata.json").read_text())
     except (OSError, ValueError):

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from shardfix.errors import BadInputError, UnsafeInputError
+from shardfix.io.regular import check_regular
 from shardfix.io.safe_pickle import is_weights_only_refusal, refused_global
 
 MAX_COMMON_BYTES = 1 << 28
@@ -28,10 +29,9 @@ def load_common(path: Path) -> Any:
         BadInputError: missing, too large or corrupt.
         UnsafeInputError: it references any global (a genuine one references none).
     """
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise BadInputError(f"{path}: cannot read ({e.strerror}); copy the whole iter_ directory") from e
+    if not path.exists():
+        raise BadInputError(f"{path}: missing; copy the whole iter_ directory")
+    size = check_regular(path).st_size
     if size > MAX_COMMON_BYTES:
         raise BadInputError(f"{path}: {size} bytes is far larger than Megatron's common.pt; refusing to load it")
     try:

@@ -22,6 +22,7 @@ convert one rank's file on its own instead.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -96,10 +97,11 @@ class TorchRanksSource:
         if not files:
             raise BadInputError(f"{path}: no per-rank torch.save files (rank_0.pt, rank_1.pt, ...)")
         n = max(files) + 1
-        missing = [r for r in range(n) if r not in files]
-        if missing:
+        if n > len(files):  # never list 30 million missing ranks: the count and the first few
+            missing = list(itertools.islice((r for r in range(n) if r not in files), 8))
+            shown = ", ".join(map(str, missing)) + (f" ... ({n - len(files):,} in all)" if n - len(files) > len(missing) else "")
             raise IncompleteSourceError(
-                f"{path}: rank file(s) {missing} are missing of ranks 0..{n - 1}; copy every rank's file, or convert "
+                f"{path}: rank file(s) {shown} are missing of ranks 0..{n - 1}; copy every rank's file, or convert "
                 f"{files[min(files)].name} on its own (its sharded optimizer state is then reported as incomplete)"
             )
         self.files = [files[r] for r in range(n)]
@@ -113,7 +115,7 @@ class TorchRanksSource:
                 raise BadInputError(f"{self.files[r]}: holds {type(obj).__name__}, not a dict of state")
             self._objs[r] = obj
             entries: list[TensorEntry | ObjectEntry] = []
-            _flatten(obj, (), entries)
+            _flatten(obj, (), entries, self.files[r])
             per_rank.append({e.key: e for e in entries})
             ws = obj.get("world_size")
             if isinstance(ws, int) and ws != n:

@@ -17,12 +17,19 @@ import torch
 
 from shardfix.dtypes import st_name
 from shardfix.errors import BadInputError, UnsafeInputError
+from shardfix.io.regular import check_regular
 from shardfix.io.safe_pickle import is_weights_only_refusal, refused_global
 from shardfix.sources.base import ObjectEntry, PathPart, SourceIndex, TensorEntry, join_key
 
 NAME = "torch"
 DESCRIBE = "a torch.save file (.pt, .pth, .bin, .ckpt)"
 SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt", ".tar"})
+#: Containers nested deeper than this are refused (state dicts nest a handful of levels).
+MAX_DEPTH = 1000
+#: Containers and leaves flattened at most (a reused memoised container could otherwise be visited endlessly).
+MAX_NODES = 20_000_000
+#: Compressed zip members may declare at most ``factor * file size + slack`` bytes.
+MAX_INFLATE_FACTOR, MAX_INFLATE_SLACK = 4, 64 << 20
 
 
 def detect(path: Path) -> bool:
@@ -49,10 +56,13 @@ def open(path: Path, trust_pickle: bool = False) -> TorchSaveSource:  # noqa: A0
 def load_torch_file(path: Path, trust_pickle: bool = False) -> tuple[Any, list[str]]:
     """Load a torch.save file lazily and safely; return the object and notes about how."""
     notes: list[str] = []
+    size = check_regular(path).st_size
     try:
         is_zip = zipfile.is_zipfile(path)
     except OSError as e:
         raise BadInputError(f"{path}: cannot read ({e.strerror})") from e
+    if is_zip:
+        _check_members(path, size)
     try:
         if trust_pickle:
             notes.append(f"--trust-pickle: {path} was read with full unpickling (weights_only=False), which runs "
@@ -77,26 +87,62 @@ def load_torch_file(path: Path, trust_pickle: bool = False) -> tuple[Any, list[s
         ) from e
 
 
-def _flatten(obj: Any, path: tuple[PathPart, ...], out: list[TensorEntry | ObjectEntry]) -> None:
+def _check_members(path: Path, size: int) -> None:
+    """Refuse a zip whose members declare far more bytes than the file holds (torch.save stores, never deflates).
+
+    torch's reader inflates a compressed member into a buffer of its declared size, so a 2 MB file
+    whose ``data.pkl`` is deflated from 2 GiB would cost 2 GiB before a single check ran.
+    """
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError) as e:
+        raise BadInputError(f"{path}: not a readable torch.save file ({str(e)[:200]})") from e
+    declared = sum(i.file_size for i in infos if i.compress_type != zipfile.ZIP_STORED)
+    if declared > MAX_INFLATE_FACTOR * size + MAX_INFLATE_SLACK:
+        raise BadInputError(f"{path}: its compressed members expand to {declared:,} bytes from a {size:,}-byte file; "
+                            "torch.save never compresses, so the file is crafted or was re-zipped -- not read")
+
+
+def _flatten(obj: Any, path: tuple[PathPart, ...], out: list[TensorEntry | ObjectEntry], origin: Path | None = None) -> None:
+    """Flatten nested containers to entries, at most :data:`MAX_DEPTH` deep and ``MAX_NODES`` containers and leaves.
+
+    Iterative: a crafted 5000-deep dict is one message, not a ``RecursionError``; the node budget
+    stops a pickle that references one memoised container from everywhere.
+    """
+    stack: list[tuple[Any, tuple[PathPart, ...]]] = [(obj, path)]
+    budget = MAX_NODES
+    while stack:
+        budget -= 1
+        if budget < 0:
+            raise BadInputError(f"{origin}: holds over {MAX_NODES:,} entries (containers reused over and over); "
+                                "it is crafted or not a checkpoint")
+        item, p = stack.pop()
+        if len(p) > MAX_DEPTH:
+            raise BadInputError(f"{origin}: containers nested over {MAX_DEPTH} levels deep (at "
+                                f"{join_key(p[:5])}...); no checkpoint is nested like that")
+        children = _flatten_one(item, p, out)
+        stack.extend(reversed(children))
+
+
+def _flatten_one(obj: Any, path: tuple[PathPart, ...], out: list[TensorEntry | ObjectEntry]) -> list[tuple[Any, tuple]]:
+    """Add ``obj`` as an entry, or return its children to flatten (in order)."""
     if isinstance(obj, torch.Tensor):
         key = join_key(path)
         if obj.layout == torch.sparse_coo:
             out.append(TensorEntry(key, path, st_name(obj.dtype), tuple(obj.shape), (), None, "sparse_coo"))
-            return
+            return []
         if obj.layout != torch.strided:
             out.append(ObjectEntry(key, path, None, f"tensor with layout {obj.layout}"))
-            return
+            return []
         out.append(TensorEntry(key, path, st_name(obj.dtype), tuple(obj.shape), (), tuple(obj.stride())))
-        return
+        return []
     if isinstance(obj, dict) and obj:
-        for k, v in obj.items():
-            _flatten(v, (*path, k), out)
-        return
+        return [(v, (*path, k)) for k, v in obj.items()]
     if isinstance(obj, (list, tuple)) and obj and any(isinstance(v, (torch.Tensor, dict)) for v in obj):
-        for i, v in enumerate(obj):
-            _flatten(v, (*path, i), out)
-        return
+        return [(v, (*path, i)) for i, v in enumerate(obj)]
     out.append(ObjectEntry(join_key(path), path, obj, type(obj).__name__))
+    return []
 
 
 def _lookup(obj: Any, path: tuple[PathPart, ...]) -> Any:
@@ -116,7 +162,7 @@ class TorchSaveSource:
         entries: list[TensorEntry | ObjectEntry] = []
         if isinstance(self._obj, torch.Tensor):
             raise BadInputError(f"{path}: holds a single tensor, not a state dict")
-        _flatten(self._obj, (), entries)
+        _flatten(self._obj, (), entries, path)
         self._paths = {e.key: e.path for e in entries}
         self.index = SourceIndex(path, NAME, [path], path.stat().st_size, entries, notes)
 
