@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from shardfix.errors import BadInputError
 
@@ -207,15 +208,18 @@ def check_adapter_config(config: Mapping[str, object], shapes: Mapping[str, tupl
     if "lora_alpha" not in config:
         problems.append("lora_alpha is missing")
     proposal = propose_adapter_config(shapes)
-    pattern = config.get("rank_pattern") or {}
-    want = {**{m: proposal["r"] for m in _modules(shapes)}, **dict(proposal.get("rank_pattern", {}))}  # type: ignore[arg-type]
+    raw_pattern, raw_proposed = config.get("rank_pattern"), proposal.get("rank_pattern")
+    pattern: dict[str, Any] = raw_pattern if isinstance(raw_pattern, dict) else {}
+    proposed_pattern: dict[str, Any] = raw_proposed if isinstance(raw_proposed, dict) else {}
+    want = {**{m: proposal["r"] for m in _modules(shapes)}, **proposed_pattern}
     for module, rank in sorted(want.items()):
-        given = next((v for k, v in pattern.items() if module == k or module.endswith("." + k)), config.get("r"))  # type: ignore[union-attr]
+        given = next((v for k, v in pattern.items() if module == k or module.endswith("." + k)), config.get("r"))
         if given != rank:
             problems.append(f"{module}: r is {given} but lora_A has {rank} rows")
     targets = config.get("target_modules")
     if isinstance(targets, list):
-        for t in proposal["target_modules"]:  # type: ignore[union-attr]
+        raw_targets = proposal["target_modules"]
+        for t in raw_targets if isinstance(raw_targets, list) else []:
             if t not in targets:
                 problems.append(f"target_modules {targets} does not name {t!r}, which has LoRA tensors")
     if problems:

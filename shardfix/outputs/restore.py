@@ -101,8 +101,8 @@ def load_optimizer_state(
         raise BadInputError(f"hyperparameters={hyperparameters!r}: use 'live' or 'saved'")
     out_dir, files = _optimizer_files(Path(path))
     aliases: dict[int, list[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(p), []).append(strip_wrappers(n)[0])
+    for n, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(strip_wrappers(n)[0])
     model_names = {n for names in aliases.values() for n in names}
     result = LoadResult()
 

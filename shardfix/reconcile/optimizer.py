@@ -78,7 +78,7 @@ def names_per_optimizer(names: list[str] | list[list[str]], counts: list[int]) -
         if len(names) != len(counts):
             return (f"--param-names holds {len(names)} lists but the checkpoint has {len(counts)} optimizers; "
                     "give one list per optimizer")
-        return [list(x) for x in names]  # type: ignore[arg-type]
+        return [list(x) for x in names]
     flat: list[str] = list(names)  # type: ignore[arg-type]
     if len(counts) == 1:
         return [flat]
@@ -122,7 +122,8 @@ def _count_embeddings(
         nxt = [0] * (m + 1)
         for j in range(m - 1, -1, -1):
             w = nxt[j + 1]
-            if want[i] is None or fits(want[i], have[j]):
+            wi = want[i]
+            if wi is None or fits(wi, have[j]):
                 w += ways[j + 1]
             nxt[j] = min(w, limit)
         ways = nxt
@@ -171,7 +172,7 @@ def map_ids(
         group_classes: a profile's declared grouping, ``(class, regex)``: a group holds one class.
     """
     if ids and all(n is not None for n in group_names):
-        return IdMapping(dict(zip(ids, group_names, strict=True)), "param_names recorded in the param groups")
+        return IdMapping({i: str(n) for i, n in zip(ids, group_names, strict=True)}, "param_names recorded in the param groups")
     if param_names_file is not None:
         return _from_file(ids, param_names_file, state_shapes, model_params, label)
     orders = [model_params] if orders is None else orders
@@ -267,7 +268,7 @@ def _ambiguous(ids: list[Any], want: list[Shape | None], candidates: list[tuple[
     """Name the states that fit more than one parameter in some order-preserving match."""
     n, m = len(want), len(candidates)
     have = [s for _, s in candidates]
-    ok = [want[i] is None or fits(want[i], have[j]) for i in range(n) for j in range(m)]
+    ok = [w is None or fits(w, h) for w in want for h in have]
     # pre[i][j]: want[:i] fits into have[:j]; suf[i][j]: want[i:] fits into have[j:]
     pre = [[True] * (m + 1)] + [[False] * (m + 1) for _ in range(n)]
     for i in range(1, n + 1):
@@ -281,7 +282,8 @@ def _ambiguous(ids: list[Any], want: list[Shape | None], candidates: list[tuple[
     for i in range(n):
         where = [candidates[j][0] for j in range(m) if ok[i * m + j] and pre[i][j] and suf[i + 1][j + 1]]
         if len(where) > 1:
-            shape = list(want[i]) if want[i] is not None else "no state"
+            wi = want[i]
+            shape = list(wi) if wi is not None else "no state"
             parts.append(f"state {ids[i]} {shape} could be " + " or ".join(where[:3]) + (" or ..." if len(where) > 3 else ""))
     shown = "; ".join(parts[:4])
     return shown + (f"; and {len(parts) - 4} more" if len(parts) > 4 else "")

@@ -142,7 +142,7 @@ class HfDistributedSource:
             for dim, (o, s) in enumerate(zip(c.offsets, c.sizes, strict=True)):
                 view = view.narrow(dim, o, s)
             part = view if view.is_contiguous() else torch.empty(c.sizes, dtype=dtype)
-            dest = memoryview(part.reshape(-1).view(torch.uint8).numpy())
+            dest = part.reshape(-1).view(torch.uint8).numpy().data
             if len(dest) != c.length:
                 raise IncompleteSourceError(f"{self.path / (c.file or '')}: {key} holds {c.length} bytes, its box "
                                             f"{list(c.sizes)} needs {len(dest)}; the file is corrupt")
