@@ -154,6 +154,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         src, out, opts = args.src, args.out, _options(args)
     report = convert(src, out, opts)
     print(printable(summarize(report)))
+    for w in report.get("warnings") or []:  # on stderr too: a pipeline that keeps only stderr still sees them
+        print(f"shardfix: warning: {printable(cap_message(w))}", file=sys.stderr)
     print(f"wrote {out}")
     return 0
 

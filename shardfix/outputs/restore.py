@@ -198,7 +198,14 @@ def _optimizer_files(path: Path) -> tuple[Path, list[Path]]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (ValueError, KeyError) as e:
             raise BadInputError(f"{index}: not a safetensors index ({e})") from e
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise BadInputError(f"{index}: weight_map must map tensor names to file names")
         files = [path / f for f in sorted(set(weight_map.values()))]
+        root = path.resolve()
+        outside = [f for f in files if not f.resolve().is_relative_to(root) or f.resolve() == root]
+        if outside:  # an index is data: it never sends us to read files elsewhere
+            raise BadInputError(f"{index}: names {outside[0].name!r}, which resolves outside {path}; "
+                                "the index must name files inside the output directory")
     else:
         files = sorted(path.glob(f"{OPTIMIZER}*.safetensors"))
     if not files:

@@ -52,6 +52,7 @@ def build_plan(
     ctx = PlanContext.start(index, opts, targets or Targets())
     ctx.warnings.extend(index.warnings)
     name_model_tensors(ctx)
+    _require_model(ctx)
     apply_profile(ctx)
     fix_shapes(ctx, wanted_shapes(ctx))
     split_fused(ctx)
@@ -80,6 +81,16 @@ def build_plan(
         warnings=ctx.warnings,
         param_groups=optim.param_groups,
     )
+
+
+def _require_model(ctx: PlanContext) -> None:
+    """Optimizer state without any model tensor cannot be named or cut: say so instead of writing nothing."""
+    if ctx.model or not any(r.kind == "optim_state" for r in ctx.roles.values()):
+        return
+    ctx.problems.append(
+        f"{ctx.index.path}: holds optimizer state but no model tensors; moments are named and cut by their "
+        "parameters, so convert the checkpoint that holds the model too (a training-stack directory such as "
+        "accelerate's save_state output, or a DCP save of get_state_dict(model, optimizer))")
 
 
 def record_the_rest(ctx: PlanContext) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from shardfix.options import ConvertOptions
 from shardfix.plan.types import LedgerEntry, ModelTensor
 from shardfix.reconcile.fused import Splitter
-from shardfix.reconcile.keys import Role, classify, is_flat_model
+from shardfix.reconcile.keys import Role, classify, is_bare_optimizer, is_flat_model
 from shardfix.sources.base import SourceIndex
 from shardfix.targets import Targets
 
@@ -41,7 +41,10 @@ class PlanContext:
 
     @classmethod
     def start(cls, index: SourceIndex, opts: ConvertOptions, targets: Targets) -> PlanContext:
-        flat = is_flat_model([e.path for e in index.entries], [e.path for e in index.tensors()])
+        paths = [e.path for e in index.entries]
+        if is_bare_optimizer(paths):  # torch.save(optimizer.state_dict()): optimizer state, never model tensors
+            return cls(index, opts, targets, {e.key: classify(("optim", *e.path), False) for e in index.entries}, False)
+        flat = is_flat_model(paths, [e.path for e in index.tensors()])
         roles = {e.key: classify(e.path, flat) for e in index.entries}
         return cls(index, opts, targets, roles, flat)
 

@@ -97,6 +97,11 @@ def wanted_shapes(ctx: PlanContext) -> dict[str, tuple[int, ...]]:
     """Every model tensor's target shape: from the vocab, then ``--target-shapes``; conflicts are problems."""
     targets, padded, vocab = ctx.targets, ctx.padded_vocab, ctx.targets.vocab
     wanted: dict[str, tuple[int, ...]] = {}
+    flag = ctx.opts.vocab_size
+    if flag is not None and (padded is None or padded == flag):
+        what = (f"the checkpoint's vocab is already {flag} rows" if padded is not None else
+                "the checkpoint has no embedding or output layer to trim")
+        ctx.problems.append(f"--vocab-size {flag}: changes nothing ({what}); drop the flag")
     if vocab is not None and padded is not None and vocab != padded:
         for name, t in ctx.model.items():
             tgt = vocab_target(t.entry.shape, padded, vocab)

@@ -93,3 +93,13 @@ def is_flat_model(paths: list[tuple[PathPart, ...]], tensor_paths: list[tuple[Pa
     """True when the source is a bare state dict: no known container holds its tensors."""
     known = set(MODEL_CONTAINERS) | set(OPTIM_CONTAINERS)
     return not any(p and p[0] in known and len(p) >= 2 for p in tensor_paths)
+
+
+#: The top-level keys of a bare ``optimizer.state_dict()``.
+OPTIMIZER_KEYS = ("state", "param_groups")
+
+
+def is_bare_optimizer(paths: list[tuple[PathPart, ...]]) -> bool:
+    """True when the source is a bare ``optimizer.state_dict()`` (only ``state`` and ``param_groups``)."""
+    heads = {p[0] for p in paths if p}
+    return bool(heads) and heads <= set(OPTIMIZER_KEYS) and "state" in heads

@@ -104,6 +104,4 @@ def summarize(report: dict[str, Any]) -> str:
         + (f" [{ex['why']}]" if ex.get("why") else "")
         + (f", {t['written_gb_per_s']:.3f} GB/s written" if t.get("written_gb_per_s") else "")
     )
-    for w in report["warnings"][:10]:
-        lines.append(f"warning: {w}")
-    return "\n".join(lines)
+    return "\n".join(lines)  # the warnings themselves go to stderr (cli), counted on the status line

@@ -41,6 +41,27 @@ def shard_files(path: Path) -> list[Path]:
     return sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("."))
 
 
+#: Files beside safetensors that hold training state this reader does not take (optimizer, DCP records).
+_UNREAD = (".pt", ".pth", ".bin", ".ckpt", ".distcp")
+
+
+def _unread_checkpoint_files(path: Path) -> list[str]:
+    """A warning naming the checkpoint files in a safetensors directory that no layout claimed.
+
+    A directory such as ``model.safetensors`` + ``optimizer.pt`` that is not a recognised training-stack
+    layout is read as plain safetensors: say loudly that the rest is not converted.
+    """
+    if not path.is_dir():
+        return []
+    unread = sorted(p.name for p in path.iterdir() if p.suffix in _UNREAD and not p.name.startswith("."))
+    if not unread:
+        return []
+    shown = ", ".join(unread[:8]) + (f" and {len(unread) - 8} more" if len(unread) > 8 else "")
+    return [f"{path}: read as plain safetensors; {shown} beside them is not converted (no training-stack layout "
+            "matches this directory) -- if it holds optimizer state, convert a directory layout shardfix reads "
+            "(see `shardfix inspect` for the list) or that file on its own"]
+
+
 def _path_for(file: Path, name: str) -> tuple[str, ...]:
     if file.name.startswith("optimizer") and name.startswith("state."):
         rest = name[len("state.") :]
@@ -65,7 +86,8 @@ class SafetensorsSource:
                     raise BadInputError(f"{path}: tensor {name} appears in {self._where[name].name} and {f.name}")
                 self._where[name] = f
                 entries.append(TensorEntry(name, _path_for(f, name), info.dtype, info.shape))
-        self.index = SourceIndex(path, NAME, files, sum(f.stat().st_size for f in files), entries)
+        self.index = SourceIndex(path, NAME, files, sum(f.stat().st_size for f in files), entries,
+                                 warnings=_unread_checkpoint_files(path))
         self._handles: dict[Path, Any] = {}
 
     def read_tensor(self, key: str) -> torch.Tensor:
