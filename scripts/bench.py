@@ -226,6 +226,21 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     return p, p.parse_args(argv)
 
 
+def write_json(args: argparse.Namespace, info: dict[str, Any], formats: list[str], rows: list[dict[str, Any]],
+               all_runs: list[dict[str, Any]], failures: list[str]) -> Path:
+    """Write (or rewrite) the results file: machine, config, how each format was generated, rows, runs."""
+    from benchlib.formats import FORMATS
+
+    info["loadavg_at_end"] = os.getloadavg()
+    config = {k: v for k, v in vars(args).items() if k not in ("child", "out", "format", "size_bytes", "generate")}
+    doc = {"machine": info, "config": config, "generated_how": {f: FORMATS[f].how for f in formats}, "results": rows,
+           "runs": all_runs, "failures": failures, "table_markdown": fmt_table(rows)}
+    path = Path(args.json) if Path(args.json).is_absolute() else ROOT / args.json
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     p, args = parse_args(argv)
     if args.child:
@@ -267,17 +282,9 @@ def main(argv: list[str] | None = None) -> int:
             all_runs += a
             if r and r[0]["output_check"] and not r[0]["output_check"]["ok"]:
                 failures.append(f"{fmt} {size_gb:g} GB: output {r[0]['output_check']['verdict']}")
-    table = fmt_table(rows)
-    print("\n" + table)
-    info["loadavg_at_end"] = os.getloadavg()
-    from benchlib.formats import FORMATS as F
-
-    config = {k: v for k, v in vars(args).items() if k not in ("child", "out", "format", "size_bytes", "generate")}
-    doc = {"machine": info, "config": config, "generated_how": {f: F[f].how for f in formats}, "results": rows,
-           "runs": all_runs, "failures": failures, "table_markdown": table}
-    path = Path(args.json) if Path(args.json).is_absolute() else ROOT / args.json
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2) + "\n")
+            path = write_json(args, info, formats, rows, all_runs, failures)  # after each: a long run keeps what it measured
+    print("\n" + fmt_table(rows))
+    path = write_json(args, info, formats, rows, all_runs, failures)
     print(f"\nwrote {path}; load average at the end {info['loadavg_at_end']}")
     for f in failures:
         print(f"FAILURE: {f}", file=sys.stderr)

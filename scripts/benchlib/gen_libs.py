@@ -124,5 +124,6 @@ def trainer(work: Path, size: int) -> Path:
     tr.train()
     ckpt = work / "run" / "checkpoint-1"
     optim = getattr(tr.optimizer, "optimizer", tr.optimizer)
+    assert optim is not None, "the Trainer built no optimizer"
     (work / "param_names.json").write_text(json.dumps(group_order_names(model, optim)))
     return ckpt
