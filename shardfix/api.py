@@ -90,9 +90,14 @@ def inspect_source(src: str | Path, opts: ConvertOptions | None = None, *, profi
 
 
 def _planned_names(plan: Plan) -> set[str]:
-    """Every name this run may place in OUT: data files, index files, the layout's sidecars, the report."""
+    """Every name this run will place in OUT: data files, index files, this plan's sidecars, the report.
+
+    The layout's optimizer param-groups sidecar is counted when the plan writes optimizer state; other
+    sidecars (config, tokenizer, adapter config) are in ``plan.sidecars`` once ``hf_directory`` ran.
+    """
     layout = get_layout()
-    names = {f.name for f in plan.files} | set(layout.sidecar_names()) | {REPORT_NAME}
+    groups = [n for n in layout.sidecar_names() if n.startswith("optimizer")] if plan.files_of("optimizer") else []
+    names = {f.name for f in plan.files} | {s.name for s in plan.sidecars} | set(groups) | {REPORT_NAME}
     return names | {layout.index_name(s) for s in {f.set for f in plan.files}}
 
 

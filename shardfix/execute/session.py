@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from shardfix.errors import OutputError
+from shardfix.io.text import strict_value
 from shardfix.outputs import REPORT_NAME, STAGING
 from shardfix.outputs.manifest import LOCK_NAME, Manifest, entries, split_owned
 from shardfix.outputs.writer import file_checksum
@@ -93,7 +94,8 @@ def _check_staging(out: Path, manifest: Manifest | None) -> bool:
 
 
 def _dump(obj: object) -> bytes:
-    return (json.dumps(obj, indent=2) + "\n").encode()
+    """The report as strict JSON (non-finite floats as strings, like every JSON shardfix writes)."""
+    return (json.dumps(strict_value(obj), indent=2, allow_nan=False) + "\n").encode()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -190,8 +192,10 @@ class OutputSession:
 def _refuse_foreign(out: Path, foreign: list[str], write_names: set[str], keep_foreign: bool) -> None:
     clash = [n for n in foreign if n in write_names]
     if clash:
+        others = [n for n in foreign if n not in clash]
+        also = f" (other files shardfix did not write: {_names(others)})" if others else ""
         raise OutputError(f"{out}: {_names(clash)} not written by shardfix but this run would write a file of that "
-                          "name; move it away (shardfix never replaces files it did not write)")
+                          f"name; move it away (shardfix never replaces files it did not write){also}")
     if foreign and not keep_foreign:
         raise OutputError(f"{out}: holds files shardfix did not write ({_names(foreign)}); refusing to delete "
                           "them -- pick an empty directory, or pass --keep-foreign to leave them untouched "

@@ -17,6 +17,7 @@ from shardfix.errors import ShardfixError
 from shardfix.options import ConvertOptions
 from shardfix.outputs.writer import tensor_bytes
 from shardfix.plan import OutputTensor, build_plan
+from shardfix.plan.hf_dir import hf_directory
 from shardfix.sources.base import Source
 from shardfix.targets.files import merge_targets
 
@@ -56,6 +57,7 @@ def rebuild_expected(src: Source, report: dict[str, Any], trust_pickle: bool,
             companions = comp.index
             comp.close()
         plan = build_plan(src.index, opts, merge_targets(opts), companions)
+        hf_directory(plan, src, opts)  # the same post-plan stage convert runs: tied drop, PEFT adapter split
     except (ShardfixError, TypeError, ValueError) as e:
         return {}, f"cannot rebuild the plan from the source under the recorded options ({e})"
     return {t.name: t for f in plan.files for t in f.tensors}, None

@@ -91,7 +91,9 @@ def test_tied_embedding_state_restores_and_steps_bit_for_bit(tied: Path, tmp_pat
     try:
         fresh = build_base(tied=True, seed=5)
         assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
-        fresh.load_state_dict(load_file(out / "model.safetensors"), strict=True)
+        loaded = fresh.load_state_dict(load_file(out / "model.safetensors"), strict=False)
+        # tied: the matrix is written once, under its embedding name, as transformers saves it
+        assert loaded.missing_keys == ["lm_head.weight"] and not loaded.unexpected_keys
         optim = adamw(fresh)
         result = load_optimizer_state(optim, fresh, out, strict=True)
         assert "model.embed_tokens.weight" in result.loaded and result.ok, result.summary()

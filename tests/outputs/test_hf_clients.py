@@ -150,14 +150,15 @@ def test_sidecars_never_replace_foreign_files_and_verify_checks_them(hf_runs: Pa
     out.mkdir()
     (out / "config.json").write_text('{"mine": true}\n')
     opts = ConvertOptions(vocab_size=1000, trainable="lora_", executor="inline", progress=False, resume=True)
-    with pytest.raises(OutputError, match="config.json: already exists and shardfix did not write it"):
+    with pytest.raises(OutputError, match="config.json not written by shardfix but this run would write a file of that name"):
         convert(ckpt, out, opts)
     assert (out / "config.json").read_text() == '{"mine": true}\n'
-    assert not (out / "model.safetensors").exists()  # nothing was moved into place
+    assert not (out / "model.safetensors").exists()  # refused before anything was written
+    assert not (out / ".shardfix-staging").exists()
 
     (out / "config.json").unlink()
-    report = convert(ckpt, out, opts)  # --resume finishes it, reusing the staged files
-    assert report["executor"]["resumed_files"] == len(report["outputs"]["files"])
+    report = convert(ckpt, out, opts)
+    assert report["status"] == "complete"
     problems, stats = verify_output(out, ckpt)
     assert problems == [] and stats["compared"] == 53
     (out / "adapter" / "adapter_config.json").write_text("{}")
