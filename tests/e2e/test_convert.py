@@ -85,6 +85,7 @@ def test_ledger_accounts_for_every_source_key(inline_out: Path, fsdp_ckpt: Path)
     assert written <= produced  # every written tensor is some source entry's output
 
 
+@pytest.mark.slow
 def test_ray_executor_is_byte_identical(ray_session, inline_out: Path, fsdp_ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "ray"
     report = convert(fsdp_ckpt, out, ConvertOptions(executor="ray", workers=2, progress=False))
@@ -115,6 +116,7 @@ def test_tiny_max_shard_size_writes_several_files_and_a_correct_index(
     assert not (out / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_cli_convert_and_verify(fsdp_ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli"
     r = run_cli("convert", fsdp_ckpt, out, "--executor", "inline", "--no-progress")

@@ -202,6 +202,7 @@ def test_interrupted_driver_then_resume(fsdp_ckpt, inline_ref, tmp_path):
         [n for n in inline_ref if n.endswith(".safetensors")])
 
 
+@pytest.mark.slow
 def test_device_cuda_without_gpu_exits_2(fsdp_ckpt, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("tests the error a machine without a GPU gives; this machine has a GPU, so that error cannot occur")

@@ -154,6 +154,7 @@ def test_companions_follow_the_split(tmp_path: Path) -> None:
     assert bits_equal(comp["blocks.0.mlp.c_fc.weight"], masks["blocks.0.mlp.c_fc"].T.contiguous())
 
 
+@pytest.mark.slow
 def test_bank_layer_count_comes_from_the_config_when_shapes_lack_it(tmp_path: Path) -> None:
     """Without x0_lambdas nothing says which mlp_bank slot is padding: refused, unless the config says."""
     sd = make_checkpoint(tmp_path / "full.pt", "banks")

@@ -14,6 +14,7 @@ from shardfix.sources.torchsave import _flatten
 from tests.sources import crafted_inputs as ci
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dim,n", [(1, 16_000), (0, 400_000)])
 def test_tiling_many_boxes_is_fast(dim: int, n: int) -> None:
     shape, boxes = ci.boxes_along(dim, n)
@@ -46,6 +47,7 @@ def test_memoised_chunk_lists_refused_before_iterating(tmp_path: Path) -> None:
     assert time.perf_counter() - t < 10
 
 
+@pytest.mark.slow
 def test_flatten_is_bounded_in_depth_and_nodes() -> None:
     deep: object = 1
     for _ in range(5000):
