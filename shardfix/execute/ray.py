@@ -34,6 +34,8 @@ import math
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -115,8 +117,34 @@ def _neutral_cwd(where: str) -> Iterator[None]:
         os.chdir(before)
 
 
+#: Seconds a first connection to a Ray cluster may take (``SHARDFIX_RAY_CONNECT_TIMEOUT``): Ray retries
+#: without end when the cluster refuses a missing or wrong token, so the probe runs in a child it can stop.
+CONNECT_TIMEOUT_S = 60.0
+_PROBE = "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); ray.shutdown()"
+_TOKEN_HINT = ("; if the cluster uses token authentication, export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
+               "(or RAY_AUTH_TOKEN_PATH) with the cluster's token")
+
+
 def probe_cluster(address: str) -> None:
-    """Join the cluster at ``address`` now (the run reuses the connection); exit 2 naming the cause if refused."""
+    """Check that the cluster at ``address`` lets us in, then join it (the run reuses the connection).
+
+    The first attempt runs in a child process from an empty directory, stopped after
+    :data:`CONNECT_TIMEOUT_S`: a refused or unreachable cluster is exit 2 naming the cause, never a hang.
+    """
+    timeout = float(os.environ.get("SHARDFIX_RAY_CONNECT_TIMEOUT") or CONNECT_TIMEOUT_S)
+    with tempfile.TemporaryDirectory(prefix="sfxprobe-") as cwd:
+        try:
+            p = subprocess.run([sys.executable, "-c", _PROBE, address], cwd=cwd, capture_output=True, text=True,
+                               timeout=timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise BadInputError(f"--ray-address {address}: no answer from the Ray cluster within {timeout:.0f} s; check "
+                                f"the address{_TOKEN_HINT} (Ray keeps retrying when it refuses the token)") from None
+    if p.returncode != 0:
+        lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+        cause = lines[-1][:300] if lines else f"exit {p.returncode}"
+        auth = any(w in p.stderr.lower() for w in ("auth", "token", "unauthenticated"))
+        raise BadInputError(f"--ray-address {address}: cannot connect to the Ray cluster ({cause})"
+                            + (_TOKEN_HINT if auth else ""))
     RayRuntime(address, None, "cpu")
 
 

@@ -312,3 +312,20 @@ env_vars = {{ SHARDFIX_TEST_TASK_DELAY = "2", PYTHONPATH = "{ROOT / FAULTS_HOOK}
         time.sleep(0.5)
     assert not (tmp_path / "out" / "shardfix-report.json").exists() or json.loads(
         (tmp_path / "out" / "shardfix-report.json").read_text())["status"] != "complete"
+
+
+@pytest.mark.slow
+def test_convert_ray_address_with_a_wrong_or_missing_token_creates_no_out(ray_head, fsdp_ckpt, tmp_path):
+    """``convert --ray-address`` against a token-auth cluster: a missing or wrong token is exit 2 saying
+    which, and OUT is never created (the cluster is probed before the output directory is touched)."""
+    address = f"127.0.0.1:{ray_head.port}"
+    out = tmp_path / "out"
+    quick = {"SHARDFIX_RAY_CONNECT_TIMEOUT": "30"}  # the production default waits 60 s for a first answer
+    cases = {"missing": ray_head.client_env(RAY_AUTH_MODE="disabled", RAY_AUTH_TOKEN="", **quick),
+             "wrong": ray_head.client_env(RAY_AUTH_TOKEN="0" * 32, **quick)}
+    for what, env in cases.items():
+        r = run_cli("convert", fsdp_ckpt, out, "--ray-address", address, "--executor", "ray", "--no-progress",
+                    env=env, timeout=240)
+        assert r.code == 2, (what, r.err)
+        assert f"--ray-address {address}" in r.err and "token" in r.err.lower() and "Traceback" not in r.err, r.err
+        assert not out.exists(), f"{what} token: OUT was created"
