@@ -19,7 +19,6 @@ space: the files into OUT, then the final report over the marker.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 from collections.abc import Iterable
@@ -27,10 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from shardfix.errors import OutputError
-from shardfix.io.text import strict_value
 from shardfix.outputs import REPORT_NAME, STAGING
 from shardfix.outputs.manifest import LOCK_NAME, Manifest, entries, split_owned
-from shardfix.outputs.writer import file_checksum
+from shardfix.outputs.writer import file_checksum, json_bytes, write_bytes_atomic
 
 _SHOW = 10
 
@@ -95,20 +93,11 @@ def _check_staging(out: Path, manifest: Manifest | None) -> bool:
 
 def _dump(obj: object) -> bytes:
     """The report as strict JSON (non-finite floats as strings, like every JSON shardfix writes)."""
-    return (json.dumps(strict_value(obj), indent=2, allow_nan=False) + "\n").encode()
+    return json_bytes(obj)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write ({e.strerror}); free space and rerun with --resume") from e
+    write_bytes_atomic(path, data, "; free space and rerun with --resume")
 
 
 class OutputSession:

@@ -19,7 +19,7 @@ import xxhash
 
 from shardfix.errors import BadInputError, OutputError
 from shardfix.outputs.layout import Sidecar
-from shardfix.outputs.writer import file_checksum
+from shardfix.outputs.writer import file_checksum, write_bytes_atomic
 
 
 def safe_relative(name: str) -> bool:
@@ -46,16 +46,7 @@ def stage(staging: Path, side: Sidecar) -> None:
     data = render(side)
     path = staging / side.name
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write {len(data)} bytes ({e.strerror}); rerun with --resume") from e
+    write_bytes_atomic(path, data, "; rerun with --resume")
     side.bytes = len(data)
     side.checksum = xxhash.xxh3_128_hexdigest(data)
 

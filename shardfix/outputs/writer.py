@@ -358,19 +358,32 @@ def file_checksum(path: Path) -> str:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, obj: object) -> None:
-    """Write JSON to a temporary name, fsync, and rename over ``path``."""
+def json_bytes(obj: object) -> bytes:
+    """``obj`` as strict JSON (non-finite floats as strings: no ``NaN`` ever reaches a file), indented."""
+    return (json.dumps(strict_value(obj), indent=2, sort_keys=False, allow_nan=False) + "\n").encode()
+
+
+def write_bytes_atomic(path: Path, data: bytes, hint: str = "") -> None:
+    """Write ``data`` to a temporary name beside ``path``, fsync, and rename over ``path``.
+
+    Raises:
+        OutputError: naming the file and ``hint`` (what to do), the temporary file removed.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with tmp.open("w") as f:
-            json.dump(strict_value(obj), f, indent=2, sort_keys=False, allow_nan=False)  # strict JSON: no NaN
-            f.write("\n")
+        with tmp.open("wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write ({e.strerror})") from e
+        raise OutputError(f"{path}: cannot write {len(data)} bytes ({e.strerror}){hint}") from e
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    """Write ``obj`` as strict JSON through :func:`write_bytes_atomic`."""
+    write_bytes_atomic(path, json_bytes(obj))
 
 
 def index_json(weight_map: dict[str, str], total_size: int) -> dict[str, object]:
