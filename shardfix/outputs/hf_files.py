@@ -7,25 +7,11 @@ file can be unreadable into one :class:`~shardfix.errors.BadInputError` naming i
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 from shardfix.errors import BadInputError
 from shardfix.outputs.hf_config import CONFIG_NAME, generation_config_candidates, sidecar_candidates, tokenizer_files
-
-
-def read_json_object(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object from ``path``; ``what`` names the flag or role in the message."""
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise BadInputError(f"{what}: cannot read {path} ({e.strerror})") from e
-    except ValueError as e:
-        raise BadInputError(f"{what}: {path} is not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise BadInputError(f"{what}: {path} must hold a JSON object")
-    return data
+from shardfix.targets.files import read_json_object  # noqa: F401 - re-exported for the HF directory stages
 
 
 def find_config(source: Path) -> Path | None:

@@ -33,8 +33,8 @@ CONFIG_KEYS = (
 )
 
 
-def _read_json_object(path: str, flag: str, what: str) -> tuple[Path, dict[str, Any]]:
-    """Read a JSON object for ``flag``, raising one clear error for every way it can fail."""
+def read_json_object(path: str | Path, flag: str, what: str = "a JSON object") -> dict[str, Any]:
+    """Read a JSON object for ``flag`` (or role), raising one clear error for every way it can fail."""
     p = Path(path)
     try:
         data = json.loads(p.read_text())
@@ -44,12 +44,12 @@ def _read_json_object(path: str, flag: str, what: str) -> tuple[Path, dict[str, 
         raise BadInputError(f"{flag}: {p} is not valid JSON ({e})") from e
     if not isinstance(data, dict):
         raise BadInputError(f"{flag}: {p} must hold {what}")
-    return p, data
+    return data
 
 
 def read_shapes(path: str) -> dict[str, tuple[int, ...]]:
     """``--target-shapes``: ``{"name": [dims], ...}``."""
-    p, data = _read_json_object(path, "--target-shapes", 'an object {"name": [dims], ...}')
+    p, data = Path(path), read_json_object(path, "--target-shapes", 'an object {"name": [dims], ...}')
     out = {}
     for k, v in data.items():
         if not isinstance(v, list) or not all(isinstance(d, int) and d >= 0 for d in v):
@@ -60,7 +60,7 @@ def read_shapes(path: str) -> dict[str, tuple[int, ...]]:
 
 def read_config(path: str) -> dict[str, Any]:
     """``--target-config``: the Hugging Face config keys shardfix uses."""
-    p, data = _read_json_object(path, "--target-config", "a JSON object (a Hugging Face config.json)")
+    p, data = Path(path), read_json_object(path, "--target-config", "a JSON object (a Hugging Face config.json)")
     text_config = data.get("text_config")
     if isinstance(text_config, dict):  # multimodal configs nest the LM's config
         data = {**text_config, **{k: v for k, v in data.items() if k in CONFIG_KEYS}}
