@@ -33,6 +33,20 @@ def run_cli(*args: str | os.PathLike[str], timeout: float = 300, env: dict[str, 
     return CliResult(p.returncode, p.stdout, p.stderr)
 
 
+def cli_in_process(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str]:
+    """Run the CLI in this process (same exit-code mapping as ``python -m shardfix``): (exit code, stderr).
+
+    Bad input must never end in a traceback, whatever the exit code.
+    """
+    from shardfix.cli import main as cli_main
+
+    capsys.readouterr()
+    code = cli_main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
 @pytest.fixture(scope="session")
 def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-rank FSDP2 run on gloo: ``checkpoint/`` (DCP) and ``reference.pt`` (full tensors).

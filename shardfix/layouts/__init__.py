@@ -12,28 +12,16 @@ directory listing) and ``open(dir, trust_pickle) -> Source``. :mod:`shardfix.sou
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from shardfix.errors import BadInputError
 from shardfix.io.regular import scan_checkpoint
 from shardfix.layouts import accelerate, lightning, trainer
-from shardfix.sources import FORMATS, Source, detect_format, open_source
-
-
-@dataclass(frozen=True, slots=True)
-class Layout:
-    name: str
-    detect: Callable[[Path], bool]
-    open: Callable[..., Any]
-    describe: str
-
+from shardfix.sources import FORMATS, Source, SourceFormat, detect_format, open_source
 
 #: Most specific first: a Lightning FSDP directory is also a DCP directory.
-REGISTRY: dict[str, Layout] = {
-    m.NAME: Layout(m.NAME, m.detect, m.open, m.DESCRIBE) for m in (lightning, accelerate, trainer)
+REGISTRY: dict[str, SourceFormat] = {
+    m.NAME: SourceFormat(m.NAME, m.detect, m.open, m.DESCRIBE) for m in (lightning, accelerate, trainer)
 }
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from shardfix.dtypes import numel
 from shardfix.errors import BadInputError, UnsafeInputError
 from shardfix.io import zipdir
 from shardfix.io.preads import pread_upto
@@ -138,10 +139,7 @@ class Stored:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return numel(self.shape)
 
     def is_flat(self) -> bool:
         """Its elements are one run of bytes in row-major order."""

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from shardfix.dtypes import ST_TO_TORCH
+from shardfix.dtypes import ST_TO_TORCH, numel
 from shardfix.io import zipdir
 from shardfix.io.preads import fill_upto, pread_upto
 from shardfix.io.zipdir import LOCAL_SIZE
@@ -118,10 +118,7 @@ class RecordLayout:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return numel(self.shape)
 
     @property
     def nbytes(self) -> int:

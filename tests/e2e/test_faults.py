@@ -28,12 +28,11 @@ import torch
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from shardfix.api import convert
-from shardfix.cli import main as cli_main
 from shardfix.options import ConvertOptions
 from shardfix.report import REPORT_NAME
 from shardfix.sources.dcp import DcpSource
 from shardfix.verify import verify_output
-from tests.conftest import ROOT, bits_equal, flip
+from tests.conftest import ROOT, bits_equal, cli_in_process, flip
 
 VOCAB = ["--vocab-size", "1000"]
 ROUTER = "model.router.weight"
@@ -43,13 +42,7 @@ EXP_AVG = "optim.state.router.weight.exp_avg"
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def cli(capsys: pytest.CaptureFixture[str], *args: Any) -> tuple[int, str]:
-    """Run the CLI in this process (same exit-code mapping as ``python -m shardfix``)."""
-    capsys.readouterr()
-    code = cli_main([str(a) for a in args])
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return code, err
+cli = cli_in_process
 
 
 def copy_ckpt(src: Path, tmp_path: Path) -> Path:

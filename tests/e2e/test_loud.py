@@ -10,14 +10,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from shardfix.cli import main
 from shardfix.errors import BadInputError
 from shardfix.outputs.restore import load_optimizer_state
+from tests.conftest import cli_in_process
 
-
-def _cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str]:
-    code = main([str(a) for a in args])
-    return code, capsys.readouterr().err
+_cli = cli_in_process
 
 
 def _trained() -> tuple[torch.nn.Module, torch.optim.Optimizer]:

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ from shardfix.cli import main as cli_main
 from shardfix.outputs.manifest import MANIFEST_NAME
 from shardfix.report import REPORT_NAME
 from shardfix.verify import verify_output
-from tests.conftest import ROOT, bits_equal
+from tests.conftest import ROOT, bits_equal, cli_in_process
 
 
 def _state(seed: int, n: int = 6) -> dict[str, torch.Tensor]:
@@ -37,12 +36,7 @@ def _ckpt(where: Path, seed: int = 0, n: int = 6) -> Path:
     return where / "model.pt"
 
 
-def cli(capsys: pytest.CaptureFixture[str], *args: Any) -> tuple[int, str]:
-    capsys.readouterr()
-    code = cli_main([str(a) for a in args])
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return code, err
+cli = cli_in_process
 
 
 def _tree(d: Path) -> dict[str, bytes]:
